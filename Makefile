@@ -1,0 +1,34 @@
+# Everyday commands. Each target creates the virtual environment first when it is missing or when
+# requirements.txt has changed, so a fresh clone needs nothing but Python 3.11 and make.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+
+.PHONY: reproduce test test-fast data table bench clean-venv
+
+$(STAMP): requirements.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+# The main job: train EstiNet on real MNIST lists with the default settings.
+reproduce: $(STAMP)
+	$(PY) train_addition.py
+
+# The whole test suite, slow tests included (this is what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Only the fast tests (seconds; synthetic data).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+# Download and verify MNIST into data/MNIST/raw.
+data: $(STAMP)
+	$(PY) -m estinet.data --root data
+
+clean-venv:
+	rm -rf $(VENV)
