@@ -40,6 +40,14 @@ class ImageSplit:
         cls, images: torch.Tensor, labels: torch.Tensor, *, mean: float, std: float
     ) -> ImageSplit:
         """Normalize uint8 images (N, 28, 28) and pair them with labels (N,)."""
+        if images.dtype != torch.uint8 or images.ndim != 3:
+            raise ValueError(
+                "expected uint8 images of shape (N, 28, 28), "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
+        if labels.shape != images.shape[:1]:
+            expected = (len(images),)
+            raise ValueError(f"expected labels of shape {expected}, got {tuple(labels.shape)}")
         scaled = images.to(torch.float32).div(255.0).sub(mean).div(std)
         return cls(images=scaled.unsqueeze(1), labels=labels.to(torch.int64))
 
