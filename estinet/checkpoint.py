@@ -1,0 +1,87 @@
+"""Atomic checkpoint and results files, and checked loading of training checkpoints."""
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from estinet.errors import CheckpointError
+
+CHECKPOINT_KIND = "estinet.training_run"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through `write(file)` into a temp file beside `path`, fsync it, then rename it.
+
+    A kill at any moment leaves either the old file or the complete new one, never a partial one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(handle, 0o644)  # mkstemp creates 0600 files; results are meant to be shared
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Save a training checkpoint atomically, tagged with its kind and format version."""
+    payload = {"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT_VERSION, **payload}
+    _atomic_write(Path(path), lambda file: torch.save(payload, file))
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write JSON atomically (sorted keys, indented) so readers never see half a results file."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    _atomic_write(Path(path), lambda file: file.write(text.encode()))
+
+
+def load_checkpoint(path: str | os.PathLike, *, expected_model: str | None = None) -> dict[str, Any]:
+    """Load a training checkpoint on the CPU, raising CheckpointError naming the file on any problem.
+
+    Checks that the file exists, unpickles completely (not truncated or corrupt), is a training
+    checkpoint of a supported format, and, when `expected_model` is given, belongs to that model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found. Check the path or train a model first")
+    try:
+        # weights_only=False: the payload holds RNG states (NumPy arrays, Python tuples) as well
+        # as tensors. Only load checkpoints you created yourself.
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(
+            f"failed to read checkpoint {path}: {error}. The file is truncated or corrupt; "
+            "delete it and train again (or resume from last.pt)"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(
+            f"{path} is not an estinet training checkpoint (best.pt or last.pt written by "
+            "train_addition.py)"
+        )
+    if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload.get('format_version')!r}; this code "
+            f"reads version {CHECKPOINT_FORMAT_VERSION}"
+        )
+    if expected_model is not None and payload.get("model") != expected_model:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with model={payload.get('model')}, "
+            f"but model={expected_model} is configured. Use a matching model= override"
+        )
+    return payload

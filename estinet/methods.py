@@ -1,0 +1,389 @@
+"""Training methods: how each model turns a batch of (image list, sum) pairs into parameter updates.
+
+A method owns its networks, optimizers and schedulers, and exposes the same small interface to the
+training loop: `train_step`, `predict_from_probabilities` (the test-time path) and state dicts for
+checkpoints. Methods:
+
+- `estinet` (Estimate and Replace): the argument extractor learns through a differentiable
+  black-box estimator; at test time its argmax digits go into the real black box.
+- `nalu`: the baseline; extractor + LSTM + NALU trained end to end and used as-is at test time.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from estinet.blackbox import BlackBox
+from estinet.errors import ConfigError
+from estinet.models.baseline import NaluBaseline
+from estinet.models.estimator import BlackBoxEstimator, EstimatorConfig
+from estinet.models.extractor import ArgumentExtractor, ExtractorConfig
+from estinet.pretrain import PretrainConfig, label_digit_vectors, load_estimator, pretrain_estimator
+
+log = logging.getLogger(__name__)
+
+ESTIMATOR_MODES = ("offline", "online", "hybrid")
+LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+# Keys of the `estimator` config group that configure EstiNet's use of the estimator rather than
+# its architecture; EstimatorConfig never sees them.
+ESTIMATOR_TRAINING_KEYS = ("training", "checkpoint", "lr", "online_targets", "online_mc_samples")
+
+
+@dataclass
+class StepResult:
+    """Outcome of one training step; `skipped` is True when a non-finite value stopped the update."""
+
+    loss: float
+    skipped: bool = False
+    estimator_loss: float | None = None
+
+
+def estimator_architecture(estimator_cfg: DictConfig) -> EstimatorConfig:
+    """Build the estimator's architecture config, leaving out EstiNet's training keys."""
+    plain = OmegaConf.to_container(estimator_cfg, resolve=True)
+    for key in ESTIMATOR_TRAINING_KEYS:
+        plain.pop(key, None)
+    return EstimatorConfig.from_config(plain)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_factor: float):
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_factor` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg: DictConfig, total_steps: int):
+    """LambdaLR for train.schedule: `cosine` (with warm-up) or `constant`."""
+    if train_cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    warmup = int(train_cfg.warmup_fraction * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, warmup, train_cfg.min_lr_factor)
+    )
+
+
+def mean_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of the distributions along the last dim."""
+    return -(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum(-1).mean()
+
+
+def marginal_kl_to_uniform(probabilities: torch.Tensor) -> torch.Tensor:
+    """KL(mean distribution of the batch || uniform): zero when every class is used equally often."""
+    marginal = probabilities.reshape(-1, probabilities.shape[-1]).mean(0)  # (C,)
+    return (marginal * torch.log(marginal.clamp_min(1e-12) * marginal.numel())).sum()
+
+
+def finite_step(
+    loss: torch.Tensor,
+    parameters: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float | None,
+) -> bool:
+    """Backpropagate `loss` and step, unless the loss or the gradient norm is not finite.
+
+    Returns False (and leaves the weights untouched) on a non-finite value, so a run never trains
+    on NaN or inf.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    max_norm = grad_clip if grad_clip else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
+class Method:
+    """Common interface the training loop relies on."""
+
+    name: str
+    extractor: ArgumentExtractor
+    # True when the test-time prediction is the real black box applied to argmax digits.
+    uses_black_box_at_test: bool = True
+    uses_digit_labels: bool = False
+
+    def __init__(self) -> None:
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self.epoch = 0
+
+    def modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules().values():
+            module.train(mode)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def train_step(
+        self, images: torch.Tensor, sums: torch.Tensor, digit_labels: torch.Tensor | None
+    ) -> StepResult:
+        raise NotImplementedError
+
+    def predict_from_probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Test-time prediction (L,) float from the extractor's softmax outputs (L, k, C)."""
+        raise NotImplementedError
+
+    def extra_predictions(self, probabilities: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Further predictions worth reporting for insight, keyed by a metric-name prefix."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {name: module.state_dict() for name, module in self.modules().items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: sched.state_dict() for name, sched in self.schedulers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, weights_only: bool = False) -> None:
+        for name, module in self.modules().items():
+            module.load_state_dict(state["modules"][name])
+        if weights_only:
+            return
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
+
+
+class EstiNet(Method):
+    """Estimate and Replace: extractor -> estimator in training, extractor -> black box at test.
+
+    Losses and what they update:
+    - task loss  `model.loss`(estimator(softmax(extractor(images))), sum) plus the regularizers
+      below updates the extractor only. The estimator's weights receive no gradient from it.
+    - estimator loss (online and hybrid modes) `model.loss`(estimator(p), black-box target of p),
+      with p the extractor's current softmax outputs, detached; updates the estimator only. The
+      target comes from calling the black box on digits sampled from p (Monte Carlo) or on the
+      argmax digits (`estimator.online_targets`).
+    - `model.entropy_weight` * mean per-image entropy of p: a positive weight penalizes high
+      entropy, pushing the extractor toward the black box's interface (one digit per image).
+    - `model.marginal_weight` * KL(batch-mean of p || uniform): keeps every digit class in use.
+      It assumes the arguments are roughly balanced in the data, which holds for MNIST digits.
+    """
+
+    name = "estinet"
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        black_box: BlackBox,
+        device: torch.device,
+        total_steps: int,
+        *,
+        initialize_estimator: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg.model
+        self.black_box = black_box
+        self.device = device
+        self.mode = cfg.estimator.training
+        if self.mode not in ESTIMATOR_MODES:
+            raise ConfigError(
+                f"estimator.training={self.mode!r} is invalid. Use one of {', '.join(ESTIMATOR_MODES)}"
+            )
+        self.loss_fn = LOSSES[self.cfg.loss]
+        self.grad_clip = cfg.train.grad_clip
+        self.online_targets = cfg.estimator.online_targets
+        self.online_mc_samples = cfg.estimator.online_mc_samples
+
+        self.extractor = ArgumentExtractor(ExtractorConfig.from_config(cfg.extractor)).to(device)
+        if initialize_estimator:
+            self.estimator = self._initial_estimator(cfg).to(device)
+        else:  # weights come from a checkpoint next
+            self.estimator = BlackBoxEstimator(estimator_architecture(cfg.estimator)).to(device)
+        self.estimator_trainable = self.mode in ("online", "hybrid")
+        for parameter in self.estimator.parameters():
+            parameter.requires_grad_(False)
+
+        self.optimizers["extractor"] = torch.optim.Adam(self.extractor.parameters(), lr=cfg.train.lr)
+        self.schedulers["extractor"] = make_scheduler(
+            self.optimizers["extractor"], cfg.train, total_steps
+        )
+        if self.estimator_trainable:
+            self.optimizers["estimator"] = torch.optim.Adam(
+                self.estimator.parameters(), lr=cfg.estimator.lr
+            )
+        # Draws of the Monte-Carlo black-box targets; part of the checkpointed state.
+        self.sampling_generator = torch.Generator().manual_seed(int(cfg.seed) + 7919)
+
+    def _initial_estimator(self, cfg: DictConfig) -> BlackBoxEstimator:
+        architecture = estimator_architecture(cfg.estimator)
+        if self.mode == "online":
+            return BlackBoxEstimator(architecture)
+        if cfg.estimator.checkpoint:
+            log.info("loading the pretrained estimator from %s", cfg.estimator.checkpoint)
+            return load_estimator(
+                cfg.estimator.checkpoint,
+                map_location=self.device,
+                expected_config=architecture,
+                expected_black_box=self.black_box.name,
+            )
+        log.info("no estimator.checkpoint given: pretraining the estimator in-process")
+        estimator, metrics = pretrain_estimator(
+            architecture,
+            PretrainConfig.from_config(cfg.pretrain),
+            self.black_box,
+            device=self.device,
+            seed=int(cfg.seed),
+        )
+        log.info(
+            "pretrained estimator: one-hot MAE k=10 %.3f, k=100 %.3f, soft MAE k=10 %.3f",
+            metrics["one_hot_mae_k10"], metrics["one_hot_mae_k100"], metrics["soft_mae_k10"],
+        )
+        return estimator
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"extractor": self.extractor, "estimator": self.estimator}
+
+    def train(self, mode: bool = True) -> None:
+        self.extractor.train(mode)
+        # A frozen estimator always runs in eval mode; a trained one follows the loop's mode.
+        self.estimator.train(mode and self.estimator_trainable)
+
+    def regularizer_weight(self, base: float, start_epoch: int, ramp_epochs: int) -> float:
+        """Weight `base` from `start_epoch` on, reached linearly over `ramp_epochs` epochs."""
+        if base == 0 or self.epoch < start_epoch:
+            return 0.0
+        if ramp_epochs <= 0:
+            return base
+        return base * min(1.0, (self.epoch - start_epoch + 1) / ramp_epochs)
+
+    def _update_estimator(self, probabilities: torch.Tensor) -> float | None:
+        vectors = probabilities.detach()
+        if self.online_targets == "argmax":
+            vectors = F.one_hot(vectors.argmax(-1), vectors.shape[-1]).float()
+        targets = label_digit_vectors(
+            vectors,
+            self.black_box,
+            soft_targets="monte_carlo",
+            mc_samples=self.online_mc_samples,
+            generator=self.sampling_generator,
+        )
+        for parameter in self.estimator.parameters():
+            parameter.requires_grad_(True)
+        loss = self.loss_fn(self.estimator(vectors), targets)
+        ok = finite_step(
+            loss, list(self.estimator.parameters()), self.optimizers["estimator"], self.grad_clip
+        )
+        for parameter in self.estimator.parameters():
+            parameter.requires_grad_(False)
+        return float(loss) if ok else None
+
+    def train_step(self, images, sums, digit_labels=None) -> StepResult:
+        batch_size, length = images.shape[:2]
+        logits = self.extractor(images.flatten(0, 1)).view(batch_size, length, -1)  # (B, k, C)
+        probabilities = torch.softmax(logits, dim=-1)
+
+        estimator_loss = None
+        if self.estimator_trainable:
+            estimator_loss = self._update_estimator(probabilities)
+
+        loss = self.loss_fn(self.estimator(probabilities), sums.float())
+        entropy_weight = self.regularizer_weight(
+            self.cfg.entropy_weight, self.cfg.entropy_start_epoch, self.cfg.entropy_ramp_epochs
+        )
+        if entropy_weight:
+            loss = loss + entropy_weight * mean_entropy(probabilities)
+        if self.cfg.marginal_weight:
+            loss = loss + self.cfg.marginal_weight * marginal_kl_to_uniform(probabilities)
+
+        ok = finite_step(
+            loss, list(self.extractor.parameters()), self.optimizers["extractor"], self.grad_clip
+        )
+        if ok:
+            self.schedulers["extractor"].step()
+        return StepResult(loss=float(loss), skipped=not ok, estimator_loss=estimator_loss)
+
+    def predict_from_probabilities(self, probabilities):
+        return self.black_box(probabilities.argmax(-1)).float()
+
+    def extra_predictions(self, probabilities):
+        # The estimator in place of the black box: how well the stand-in itself would do.
+        return {"estimator": self.estimator(probabilities)}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["sampling_generator"] = self.sampling_generator.get_state()
+        return state
+
+    def load_state_dict(self, state, *, weights_only=False) -> None:
+        super().load_state_dict(state, weights_only=weights_only)
+        if not weights_only:
+            self.sampling_generator.set_state(state["sampling_generator"])
+
+
+class NaluMethod(Method):
+    """The NALU baseline: one network trained end to end on sums, used as-is at test time."""
+
+    name = "nalu"
+    uses_black_box_at_test = False
+
+    def __init__(self, cfg: DictConfig, black_box: BlackBox, device: torch.device, total_steps: int,
+                 **_: Any):
+        super().__init__()
+        self.loss_fn = LOSSES[cfg.model.loss]
+        self.grad_clip = cfg.train.grad_clip
+        self.network = NaluBaseline(
+            ExtractorConfig.from_config(cfg.extractor), estimator_architecture(cfg.estimator)
+        ).to(device)
+        self.extractor = self.network.extractor
+        self.optimizers["network"] = torch.optim.Adam(self.network.parameters(), lr=cfg.train.lr)
+        self.schedulers["network"] = make_scheduler(self.optimizers["network"], cfg.train, total_steps)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"network": self.network}
+
+    def train_step(self, images, sums, digit_labels=None) -> StepResult:
+        prediction, _ = self.network(images)
+        loss = self.loss_fn(prediction, sums.float())
+        ok = finite_step(
+            loss, list(self.network.parameters()), self.optimizers["network"], self.grad_clip
+        )
+        if ok:
+            self.schedulers["network"].step()
+        return StepResult(loss=float(loss), skipped=not ok)
+
+    def predict_from_probabilities(self, probabilities):
+        return self.network.head(probabilities)
+
+
+METHODS: dict[str, type[Method]] = {"estinet": EstiNet, "nalu": NaluMethod}
+
+
+def build_method(
+    cfg: DictConfig,
+    black_box: BlackBox,
+    device: torch.device,
+    total_steps: int,
+    *,
+    initialize_estimator: bool = True,
+) -> Method:
+    """Instantiate the method named by `model.name`.
+
+    With initialize_estimator=False, EstiNet skips loading or pretraining its estimator because
+    the caller restores all weights from a checkpoint.
+    """
+    name = cfg.model.name
+    if name not in METHODS:
+        raise ConfigError(f"model={name!r} is unknown. Use one of {', '.join(METHODS)}")
+    return METHODS[name](cfg, black_box, device, total_steps,
+                         initialize_estimator=initialize_estimator)

@@ -1,0 +1,82 @@
+"""Process-level set-up shared by the entry points: devices, threads, seeds and RNG snapshots."""
+
+import logging
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from estinet.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn `auto`, `cpu`, `cuda` or `cuda:N` into a torch.device that exists on this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={name} requested but CUDA is not available on this machine. "
+                "Use device=cpu or device=auto"
+            )
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={name} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                "exist. Use device=cuda:0 or device=auto"
+            )
+        return torch.device(name)
+    raise ConfigError(f"device={name!r} is invalid. Use auto, cpu, cuda or cuda:N")
+
+
+def set_threads(num_threads: int | None) -> None:
+    """Set torch's intra-op CPU threads; None keeps torch's default (one per core)."""
+    if num_threads is None:
+        return
+    if num_threads < 1:
+        raise ConfigError(f"num_threads={num_threads} is invalid. Use a positive integer or null")
+    torch.set_num_threads(num_threads)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot every global RNG so that a resumed run draws the same numbers."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the snapshot taken by capture_rng_state."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def environment_summary() -> dict[str, Any]:
+    """Machine facts worth recording beside every result."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
