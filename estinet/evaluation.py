@@ -79,3 +79,42 @@ def standard_error_of_mae(method: Method, probabilities: torch.Tensor, lists: Li
     if len(errors) < 2:
         return float("nan")
     return float(errors.std() / len(errors) ** 0.5)
+
+
+def evaluate_checkpoint(
+    path, *, lengths: list[int] | None, num_lists: int | None, data_root: str | None, device: str
+) -> dict:
+    """Rebuild the model stored in a best.pt/last.pt and score it on the test split.
+
+    The lists are rebuilt from the run's own data config (same list_seed, so the same lists as at
+    training time) unless `lengths` or `num_lists` change them.
+    """
+    from omegaconf import OmegaConf
+
+    from estinet.blackbox import make_black_box
+    from estinet.checkpoint import load_checkpoint
+    from estinet.data import build_addition_data
+    from estinet.errors import CheckpointError
+    from estinet.methods import build_method
+    from estinet.runtime import resolve_device
+    from estinet.train import evaluate_split
+
+    payload = load_checkpoint(path)
+    cfg = OmegaConf.create(payload["config"])
+    if lengths is not None:
+        cfg.data.test.k = list(lengths)
+    if num_lists is not None:
+        cfg.data.test.num_lists = int(num_lists)
+    if data_root is not None:
+        cfg.data.root = data_root
+    torch_device = resolve_device(device)
+    data = build_addition_data(cfg.data, device=torch_device)
+    method = build_method(cfg, make_black_box(cfg.black_box), torch_device, total_steps=1,
+                          initialize_estimator=False)
+    try:
+        method.load_state_dict(payload["method"], weights_only=True)
+    except (KeyError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path} has weights that do not fit its config: {error}")
+    results = evaluate_split(method, data, "test")
+    results.update(model=payload["model"], seed=cfg.seed, epoch=payload["state"]["epoch"])
+    return results

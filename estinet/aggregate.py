@@ -1,0 +1,165 @@
+"""Aggregate finished runs into the paper's results table: mean and std over seeds per model and k.
+
+A run is a directory holding metrics.json from train_addition.py. Runs are grouped by model and by
+every command-line override except `seed` (read from Hydra's .hydra/overrides.yaml), so an
+ablation sweep yields one row per setting and a seed sweep one row per model.
+"""
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from estinet.errors import ConfigError
+
+# MAE on the test lists reported by Jacovi et al. (ICLR 2019) for image addition, trained on k=10.
+PAPER_MAE = {"estinet": {10: 0.42, 100: 3.3}, "nalu": {10: 1.42, 100: 7.88}}
+DISPLAY_NAMES = {
+    "estinet": "EstiNet",
+    "nalu": "NALU",
+    "reinforce": "REINFORCE",
+    "oracle": "Oracle (digit labels)",
+}
+# Overrides that never define a different experiment, so runs differing only in them are pooled.
+POOLED_OVERRIDES = ("seed", "num_threads", "device", "train.progress", "data.root", "resume")
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run directories (those with metrics.json) under the given sweep or run directories."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(f"runs: {path} does not exist. Pass a run or multirun directory")
+        runs.extend(sorted(metrics.parent for metrics in path.rglob("metrics.json")))
+    if not runs:
+        raise ConfigError(
+            f"runs: no metrics.json found under {', '.join(map(str, paths))}. "
+            "Finished train_addition.py runs write one into their run directory"
+        )
+    return sorted(set(runs))
+
+
+def run_label(run_dir: Path, metrics: dict[str, Any]) -> str:
+    """Group label: the model, then the overrides other than the pooled ones, e.g. `estinet lr=...`."""
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides: list[str] = []
+    if overrides_file.exists():
+        overrides = yaml.safe_load(overrides_file.read_text()) or []
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in POOLED_OVERRIDES or key in ("model", "experiment") or key.startswith("hydra."):
+            continue
+        kept.append(override)
+    return " ".join([metrics["model"], *sorted(kept)])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def aggregate(run_dirs: list[Path]) -> dict[str, Any]:
+    """Group the runs and compute mean and std of every test metric; returns results.json content."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run_dir in run_dirs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics["run_dir"] = str(run_dir)
+        groups.setdefault(run_label(run_dir, metrics), []).append(metrics)
+
+    results: dict[str, Any] = {"groups": {}}
+    for label, runs in sorted(groups.items()):
+        keys = sorted(
+            key for key in runs[0]
+            if re.fullmatch(r"test_\w+", key) and all(isinstance(r.get(key), (int, float)) for r in runs)
+        )
+        summary = {key: dict(zip(("mean", "std"), mean_std([r[key] for r in runs]))) for key in keys}
+        results["groups"][label] = {
+            "model": runs[0]["model"],
+            "uses_digit_labels": runs[0].get("uses_digit_labels", False),
+            "seeds": sorted(r["seed"] for r in runs),
+            "runs": [r["run_dir"] for r in runs],
+            "train_seconds": statistics.fmean(r.get("train_seconds", math.nan) for r in runs),
+            "metrics": summary,
+            "histories": [r.get("history", []) for r in runs],
+        }
+    return results
+
+
+def _cell(summary: dict[str, Any], key: str, digits: int) -> str:
+    if key not in summary:
+        return "n/a"
+    return f"{summary[key]['mean']:.{digits}f} ± {summary[key]['std']:.{digits}f}"
+
+
+def test_lengths(results: dict[str, Any]) -> list[int]:
+    lengths = set()
+    for group in results["groups"].values():
+        for key in group["metrics"]:
+            match = re.fullmatch(r"test_mae_k(\d+)", key)
+            if match:
+                lengths.add(int(match.group(1)))
+    return sorted(lengths)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results table (mean ± std over seeds) with the paper's MAE beside ours."""
+    lengths = test_lengths(results)
+    header = ["Model", "Seeds"]
+    for k in lengths:
+        header += [f"MAE k={k}", f"paper k={k}", f"exact k={k}"]
+    header.append("digit accuracy")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, group in results["groups"].items():
+        model = group["model"]
+        name = label.replace(model, DISPLAY_NAMES.get(model, model), 1)
+        row = [name, str(len(group["seeds"]))]
+        for k in lengths:
+            paper = PAPER_MAE.get(model, {}).get(k)
+            row += [
+                _cell(group["metrics"], f"test_mae_k{k}", 3),
+                "" if paper is None else f"{paper}",
+                _cell(group["metrics"], f"test_exact_k{k}", 3),
+            ]
+        row.append(_cell(group["metrics"], "test_digit_accuracy", 4))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_mae(results: dict[str, Any], path: Path) -> None:
+    """Bar chart of test MAE by group and k with std error bars, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = test_lengths(results)
+    labels = list(results["groups"])
+    figure, axes = plt.subplots(1, len(lengths), figsize=(4 + 1.2 * len(labels), 4), squeeze=False)
+    for axis, k in zip(axes[0], lengths):
+        means, stds = [], []
+        for label in labels:
+            summary = results["groups"][label]["metrics"].get(f"test_mae_k{k}")
+            means.append(summary["mean"] if summary else math.nan)
+            stds.append(summary["std"] if summary else 0.0)
+        axis.bar(range(len(labels)), means, yerr=stds, capsize=4, color="tab:blue")
+        for index, label in enumerate(labels):
+            paper = PAPER_MAE.get(results["groups"][label]["model"], {}).get(k)
+            if paper is not None:
+                axis.plot([index - 0.4, index + 0.4], [paper, paper], color="tab:red", lw=2,
+                          label="paper" if index == 0 or "paper" not in
+                          axis.get_legend_handles_labels()[1] else None)
+        axis.set_xticks(range(len(labels)))
+        axis.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        axis.set_title(f"test MAE, k={k}")
+        axis.set_ylabel("mean absolute error of the sum")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
