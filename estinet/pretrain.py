@@ -21,7 +21,7 @@ import os
 import pickle
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -560,6 +560,21 @@ def load_estimator(
 # --------------------------------------------------------------------------- Hydra run
 
 
+def _estimator_architecture(estimator_group: Mapping[str, Any]) -> EstimatorConfig:
+    """Build the EstimatorConfig from the `estimator` config group, without its other keys.
+
+    The group also contains keys for how EstiNet training uses the estimator (such as
+    `training` or `checkpoint`), which pretraining does not need. Hydra already rejects command-line
+    overrides of keys that the group does not define.
+    """
+    values = OmegaConf.to_container(OmegaConf.create(estimator_group), resolve=True)
+    architecture_keys = {field.name for field in fields(EstimatorConfig)}
+    unused = sorted(set(values) - architecture_keys)
+    if unused:
+        log.info("estimator keys not used by pretraining: %s", ", ".join(unused))
+    return EstimatorConfig.from_config({key: values[key] for key in values if key not in unused})
+
+
 def run_pretraining(
     cfg: Mapping[str, Any], output_dir: str | os.PathLike, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -572,7 +587,7 @@ def run_pretraining(
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
-    estimator_cfg = EstimatorConfig.from_config(cfg["estimator"])
+    estimator_cfg = _estimator_architecture(cfg["estimator"])
     pretrain_cfg = PretrainConfig.from_config(cfg["pretrain"])
     black_box = make_black_box(cfg["black_box"])
     log.info(

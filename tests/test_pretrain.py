@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize
+from omegaconf import OmegaConf
 
 from estinet.blackbox import BlackBox, SumBlackBox
 from estinet.errors import CheckpointError, ConfigError
@@ -307,11 +308,19 @@ def test_run_pretraining_writes_run_files(tmp_path):
     assert saved["train_loss_last"] < saved["train_loss_first"]
 
 
+def test_run_pretraining_ignores_training_keys(tmp_path):
+    cfg = compose_pretrain(TINY_OVERRIDES + ["pretrain.steps=2"])
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["estimator"].update(training="hybrid", checkpoint=None, lr=1e-3)
+    run_pretraining(plain, tmp_path, progress=False)
+    assert load_estimator(tmp_path / "estimator.pt").config == EstimatorConfig()
+
+
 def test_checkpoint_round_trip(tmp_path):
     cfg = compose_pretrain(TINY_OVERRIDES + ["estimator.lstm_hidden=16", "estimator.nalu_hidden=8"])
     run_pretraining(cfg, tmp_path, progress=False)
 
-    expected = EstimatorConfig.from_config(cfg.estimator)
+    expected = EstimatorConfig(lstm_hidden=16, nalu_hidden=8)
     loaded = load_estimator(
         tmp_path / "estimator.pt", expected_config=expected, expected_black_box="sum"
     )
