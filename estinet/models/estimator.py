@@ -1,4 +1,4 @@
-"""Black-box estimator: a differentiable stand-in for a black box of a list of digits.
+"""Black-box estimator: a differentiable stand-in for a black box that takes a list of digits.
 
 An LSTM reads the k digit vectors (one-hot digits or the argument extractor's softmax outputs), and
 stacked NALU layers map its final state to one scalar. EstiNet trains the argument extractor
