@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,34 @@ def load_checkpoint(path: str | os.PathLike, *, expected_model: str | None = Non
             f"but model={expected_model} is configured. Use a matching model= override"
         )
     return payload
+
+
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], ignored: Collection[str] = ()
+) -> list[str]:
+    """List the dotted keys whose values differ between two plain configs, as `key: saved -> now`.
+
+    A key in `ignored` is skipped with everything below it. Keys present in only one config count
+    as differences, shown with the value `<absent>`.
+    """
+    saved_values, current_values = _flatten(saved), _flatten(current)
+    differences = []
+    for key in sorted(saved_values.keys() | current_values.keys()):
+        if any(key == prefix or key.startswith(prefix + ".") for prefix in ignored):
+            continue
+        before = saved_values.get(key, "<absent>")
+        after = current_values.get(key, "<absent>")
+        if before != after:
+            differences.append(f"{key}: {before} -> {after}")
+    return differences
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

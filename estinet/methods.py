@@ -37,11 +37,21 @@ ESTIMATOR_TRAINING_KEYS = ("training", "checkpoint", "lr", "online_targets", "on
 
 @dataclass
 class StepResult:
-    """Outcome of one training step; `skipped` is True when a non-finite value stopped the update."""
+    """Outcome of one training step; `skipped` is True when a non-finite value stopped the update.
+
+    `estimator_skipped` is True when EstiNet's online estimator update met a non-finite value and
+    was skipped, while the extractor update may still have happened.
+    """
 
     loss: float
     skipped: bool = False
     estimator_loss: float | None = None
+    estimator_skipped: bool = False
+
+    @property
+    def nonfinite(self) -> bool:
+        """True when any update of this step met a non-finite loss or gradient."""
+        return self.skipped or self.estimator_skipped
 
 
 def estimator_architecture(estimator_cfg: DictConfig) -> EstimatorConfig:
@@ -311,7 +321,12 @@ class EstiNet(Method):
         )
         if ok:
             self.schedulers["extractor"].step()
-        return StepResult(loss=float(loss), skipped=not ok, estimator_loss=estimator_loss)
+        return StepResult(
+            loss=float(loss),
+            skipped=not ok,
+            estimator_loss=estimator_loss,
+            estimator_skipped=self.estimator_trainable and estimator_loss is None,
+        )
 
     def predict_from_probabilities(self, probabilities):
         return self.black_box(probabilities.argmax(-1)).float()

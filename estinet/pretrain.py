@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -499,7 +500,20 @@ def load_estimator(
         )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+    except pickle.UnpicklingError as error:
+        # torch 2.14 reports a complete torch.save file with objects other than tensors, such as
+        # a training last.pt, as an "Unsupported global" inside a readable zip archive.
+        if not (zipfile.is_zipfile(path) and "Unsupported global" in str(error)):
+            raise CheckpointError(
+                f"failed to read estimator checkpoint {path}: {error}. The file may be truncated "
+                "or corrupt. Run pretrain_estimator.py again to recreate it"
+            ) from error
+        raise CheckpointError(
+            f"{path} is not an estimator checkpoint: it contains Python objects besides tensors "
+            "(a training checkpoint such as last.pt?). Pass the estimator.pt that "
+            "pretrain_estimator.py writes"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(
             f"failed to read estimator checkpoint {path}: {error}. The file may be truncated or "
             "corrupt. Run pretrain_estimator.py again to recreate it"

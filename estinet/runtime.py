@@ -3,12 +3,20 @@
 import logging
 import os
 import random
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 
 from estinet.errors import ConfigError
+
+# Workspace setting that makes cuBLAS, and the cuDNN LSTM built on it, deterministic on CUDA 10.2
+# and later (PyTorch's "cuDNN RNN determinism" note lists :16:8 and :4096:2).
+CUBLAS_WORKSPACE_CONFIG = ":16:8"
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """Make CUDA kernels deterministic when `deterministic` is true and `device` is a GPU.
+
+    Calls torch.use_deterministic_algorithms(True, warn_only=True), so an operation without a
+    deterministic CUDA kernel warns instead of failing, turns off cuDNN autotuning and sets
+    CUBLAS_WORKSPACE_CONFIG unless the environment already sets it. CPU runs need none of this:
+    with the same seed, thread count and torch build they repeat exactly.
+    """
+    if not deterministic or device.type != "cuda":
+        return
+    # NOTE: cuBLAS reads the variable when it creates its handle, so it only takes effect when
+    # nothing in this process has run a CUDA matrix product yet. Not verified on a GPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Snapshot every global RNG so that a resumed run draws the same numbers."""
     state = {
@@ -80,3 +106,22 @@ def environment_summary() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+class JobFailedError(CompactHydraException):
+    """A multirun job that stopped on an estinet error. Hydra prints only its message."""
+
+
+def fail_job(error: Exception, logger: logging.Logger) -> NoReturn:
+    """Log `error` and end the Hydra job as failed, without a traceback.
+
+    A single run exits with code 1. In a multirun, the job raises JobFailedError so that Hydra
+    marks it failed and still runs the other jobs, then prints this message and exits with code 1.
+    """
+    message = str(error)
+    logger.error("%s", message)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        job = HydraConfig.get().job
+        first_line = message.splitlines()[0] if message else type(error).__name__
+        raise JobFailedError(f"job #{job.num} failed: {first_line}") from None
+    sys.exit(1)
