@@ -143,6 +143,27 @@ def test_resume_matches_uninterrupted(tmp_path, synthetic_mnist_root, monkeypatc
     assert best["state"]["epoch"] == expected["best_epoch"]
 
 
+def test_resume_before_metrics_written(tmp_path, synthetic_mnist_root, monkeypatch):
+    overrides = tiny_overrides(synthetic_mnist_root) + ["model=nalu"]
+    expected = run_training(compose_train(overrides), tmp_path / "full", progress=False)
+    run_dir = tmp_path / "killed"
+
+    def kill(path, data):
+        raise SimulatedKill(f"killed before writing {path}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "write_json", kill)
+        with pytest.raises(SimulatedKill):
+            run_training(compose_train(overrides), run_dir, progress=False)
+    assert load_checkpoint(run_dir / "last.pt")["finished"]
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = run_training(compose_train(overrides + ["resume=true"]), run_dir, progress=False)
+
+    assert without_timings(resumed) == without_timings(expected)
+    assert (run_dir / "metrics.json").is_file()
+
+
 def test_resume_into_another_run_dir(tmp_path, synthetic_mnist_root, monkeypatch):
     overrides = tiny_overrides(synthetic_mnist_root) + ["model=nalu"]
     expected = run_training(compose_train(overrides), tmp_path / "full", progress=False)
