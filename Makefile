@@ -1,9 +1,11 @@
 # Everyday commands. Each target creates the virtual environment first when it is missing or when
-# requirements.txt has changed, so a fresh clone needs nothing but Python 3.11 and make.
+# requirements.txt has changed, so a fresh clone needs nothing but Python 3.11 and make. The test
+# targets also install requirements-launchers.txt, the Hydra launcher plugins the sweep tests use.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+LAUNCHERS_STAMP := $(VENV)/.launchers-installed
 
 .PHONY: reproduce test test-fast data table bench clean-venv
 
@@ -14,16 +16,20 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+$(LAUNCHERS_STAMP): requirements-launchers.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-launchers.txt
+	touch $(LAUNCHERS_STAMP)
+
 # The main job: train EstiNet on real MNIST lists with the default settings.
 reproduce: $(STAMP)
 	$(PY) train_addition.py
 
 # The whole test suite, slow tests included (this is what CI runs).
-test: $(STAMP)
+test: $(LAUNCHERS_STAMP)
 	$(PY) -m pytest
 
 # Only the fast tests (seconds; synthetic data).
-test-fast: $(STAMP)
+test-fast: $(LAUNCHERS_STAMP)
 	$(PY) -m pytest -m "not slow"
 
 # Download and verify MNIST into data/MNIST/raw.

@@ -1,7 +1,7 @@
 """Score a trained checkpoint, or aggregate finished runs into the paper's results table.
 
     python evaluate.py checkpoint=outputs/2026-12-04/12-00-00/best.pt k=[10,100,1000]
-    python evaluate.py runs=multirun/table          # writes results.md, results.json, results.png
+    python evaluate.py runs=multirun/table   # results.md/.json/.png and learning_curves.png
 """
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from estinet.aggregate import aggregate, find_runs, markdown_table, plot_mae
+from estinet.aggregate import aggregate, find_runs, markdown_table, plot_learning_curves, plot_mae
 from estinet.checkpoint import write_json
 from estinet.errors import ConfigError, EstinetError
 from estinet.evaluation import evaluate_checkpoint
@@ -29,9 +29,10 @@ def evaluate_runs(cfg: DictConfig) -> None:
     (output / "results.md").write_text(table)
     write_json(output / "results.json", results)
     plot_mae(results, output / "results.png")
+    plot_learning_curves(results, output / "learning_curves.png")
     print(table)
-    log.info("wrote %s, %s and %s", output / "results.md", output / "results.json",
-             output / "results.png")
+    log.info("wrote %s, %s, %s and %s", output / "results.md", output / "results.json",
+             output / "results.png", output / "learning_curves.png")
 
 
 def evaluate_one(cfg: DictConfig) -> None:

@@ -26,6 +26,11 @@ DISPLAY_NAMES = {
 }
 # Overrides that never define a different experiment, so runs differing only in them are pooled.
 POOLED_OVERRIDES = ("seed", "num_threads", "device", "train.progress", "data.root", "resume")
+# Per-epoch history entries drawn as learning curves, with their axis labels.
+CURVE_METRICS = {
+    "val_mae": "validation MAE of the sum",
+    "val_digit_accuracy": "validation digit accuracy",
+}
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -87,8 +92,44 @@ def aggregate(run_dirs: list[Path]) -> dict[str, Any]:
             "train_seconds": statistics.fmean(r.get("train_seconds", math.nan) for r in runs),
             "metrics": summary,
             "histories": [r.get("history", []) for r in runs],
+            "learning_curve": learning_curve([r.get("history", []) for r in runs]),
         }
     return results
+
+
+def learning_curve(histories: list[list[dict[str, Any]]]) -> list[dict[str, float]]:
+    """Summarize histories as the mean and std over runs of each CURVE_METRICS value per lists seen.
+
+    Entries of different runs are matched by `lists_seen`. Non-finite values are left out, and
+    `runs` counts the runs behind each point, which is fewer than the group's when some runs
+    stopped early or were trained for fewer epochs.
+    """
+    points: dict[int, dict[str, list[float]]] = {}
+    for history in histories:
+        for entry in history:
+            if "lists_seen" not in entry:
+                continue
+            values = points.setdefault(int(entry["lists_seen"]), {})
+            for key in CURVE_METRICS:
+                value = entry.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    values.setdefault(key, []).append(float(value))
+
+    curve = []
+    for lists_seen, values in sorted(points.items()):
+        if not values:
+            continue
+        point: dict[str, float] = {"lists_seen": lists_seen}
+        for key, samples in values.items():
+            point[f"{key}_mean"], point[f"{key}_std"] = mean_std(samples)
+        point["runs"] = max(len(samples) for samples in values.values())
+        curve.append(point)
+    return curve
+
+
+def display_name(label: str, model: str) -> str:
+    """Return the group label with the model's display name in place of its config name."""
+    return label.replace(model, DISPLAY_NAMES.get(model, model), 1)
 
 
 def _cell(summary: dict[str, Any], key: str, digits: int) -> str:
@@ -117,8 +158,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, group in results["groups"].items():
         model = group["model"]
-        name = label.replace(model, DISPLAY_NAMES.get(model, model), 1)
-        row = [name, str(len(group["seeds"]))]
+        row = [display_name(label, model), str(len(group["seeds"]))]
         for k in lengths:
             paper = PAPER_MAE.get(model, {}).get(k)
             row += [
@@ -160,6 +200,43 @@ def plot_mae(results: dict[str, Any], path: Path) -> None:
         axis.set_ylabel("mean absolute error of the sum")
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_learning_curves(results: dict[str, Any], path: Path) -> None:
+    """Plot validation MAE and digit accuracy against training lists seen, as PNG.
+
+    Each group gets a line of means with a band of ± one std over its runs. Groups whose runs have
+    no history entries are left out.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4.2), squeeze=False)
+    for axis, (key, axis_label) in zip(axes[0], CURVE_METRICS.items()):
+        for label, group in results["groups"].items():
+            points = [point for point in group.get("learning_curve", []) if f"{key}_mean" in point]
+            if not points:
+                continue
+            lists_seen = [point["lists_seen"] for point in points]
+            means = [point[f"{key}_mean"] for point in points]
+            stds = [point[f"{key}_std"] for point in points]
+            seeds = len(group["seeds"])
+            (line,) = axis.plot(lists_seen, means, marker="o", markersize=3,
+                                label=f"{display_name(label, group['model'])} (n={seeds})")
+            axis.fill_between(lists_seen, [m - s for m, s in zip(means, stds)],
+                              [m + s for m, s in zip(means, stds)], color=line.get_color(),
+                              alpha=0.2, linewidth=0)
+        axis.set_title(f"{axis_label} (mean ± std over seeds)", fontsize=10)
+        axis.set_xlabel("training lists seen")
+        axis.set_ylabel(axis_label)
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -7,6 +7,10 @@ checkpoints. Methods:
 - `estinet` (Estimate and Replace): the argument extractor learns through a differentiable
   black-box estimator; at test time its argmax digits go into the real black box.
 - `nalu`: the baseline; extractor + LSTM + NALU trained end to end and used as-is at test time.
+- `reinforce`: the extractor samples digit arguments, the real black box scores them, and the
+  score-function (REINFORCE) gradient trains the extractor; argmax digits go into the black box.
+- `oracle`: the upper bound; the extractor learns from the digit labels (cross-entropy), which
+  no other method sees; argmax digits go into the black box.
 """
 
 import logging
@@ -18,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from estinet.blackbox import BlackBox
 from estinet.errors import ConfigError
@@ -381,7 +386,224 @@ class NaluMethod(Method):
         return self.network.head(probabilities)
 
 
-METHODS: dict[str, type[Method]] = {"estinet": EstiNet, "nalu": NaluMethod}
+class ExtractorMethod(Method):
+    """A method that trains the argument extractor alone and calls the real black box at test time.
+
+    Builds the extractor, its Adam optimizer (`train.lr`) and its scheduler. Subclasses implement
+    `train_step`.
+    """
+
+    def __init__(self, cfg: DictConfig, black_box: BlackBox, device: torch.device, total_steps: int,
+                 **_: Any):
+        super().__init__()
+        self.black_box = black_box
+        self.device = device
+        self.grad_clip = cfg.train.grad_clip
+        self.extractor = ArgumentExtractor(ExtractorConfig.from_config(cfg.extractor)).to(device)
+        self.optimizers["extractor"] = torch.optim.Adam(self.extractor.parameters(), lr=cfg.train.lr)
+        self.schedulers["extractor"] = make_scheduler(
+            self.optimizers["extractor"], cfg.train, total_steps
+        )
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"extractor": self.extractor}
+
+    def step_extractor(self, loss: torch.Tensor) -> bool:
+        """Update the extractor on `loss`. Returns False when a non-finite value skipped the step."""
+        ok = finite_step(
+            loss, list(self.extractor.parameters()), self.optimizers["extractor"], self.grad_clip
+        )
+        if ok:
+            self.schedulers["extractor"].step()
+        return ok
+
+    def predict_from_probabilities(self, probabilities):
+        return self.black_box(probabilities.argmax(-1)).float()
+
+
+REINFORCE_BASELINES = ("leave_one_out", "ema", "none")
+
+
+@dataclass
+class ReinforceConfig:
+    """Settings of the REINFORCE baseline (conf/model/reinforce.yaml)."""
+
+    name: str = "reinforce"
+    samples: int = 32  # digit-argument lists drawn per training list and step
+    baseline: str = "leave_one_out"  # leave_one_out | ema | none
+    baseline_decay: float = 0.99  # decay of the moving-average baseline (baseline=ema)
+    entropy_weight: float = 3.0  # weight of the entropy bonus (> 0 rewards high entropy)
+    marginal_weight: float = 0.0  # weight of KL(batch-mean digit distribution || uniform)
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ConfigError(
+                f"model.samples={self.samples} is invalid: expected an integer >= 1, for example "
+                "model.samples=8"
+            )
+        if self.baseline not in REINFORCE_BASELINES:
+            raise ConfigError(
+                f"model.baseline={self.baseline} is invalid: expected one of "
+                f"{', '.join(REINFORCE_BASELINES)}, for example model.baseline=leave_one_out"
+            )
+        if self.baseline == "leave_one_out" and self.samples < 2:
+            raise ConfigError(
+                f"model.baseline=leave_one_out needs model.samples >= 2, got {self.samples}. "
+                "Raise model.samples or use model.baseline=ema"
+            )
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ConfigError(
+                f"model.baseline_decay={self.baseline_decay} is invalid: expected a number in "
+                "[0, 1), for example model.baseline_decay=0.99"
+            )
+        for key in ("entropy_weight", "marginal_weight"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"model.{key}={value} is invalid: expected a number >= 0, for example "
+                    f"model.{key}=0.0"
+                )
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ReinforceConfig":
+        """Build the config from the `model` group, raising ConfigError for invalid keys."""
+        try:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"invalid model config for reinforce: {error}") from error
+
+
+class ReinforceMethod(ExtractorMethod):
+    """REINFORCE: the extractor learns from black-box rewards, with no estimator and no labels.
+
+    Each step draws `model.samples` digit lists per training list, each digit independently from
+    the extractor's softmax p. The real black box maps every drawn list d to an output, and the
+    reward is r(d) = -|black_box(d) - target sum|. The score-function estimator of the gradient
+    of E[r] is mean over draws of (r - b) * grad log p(d), with log p(d) the sum over the list of
+    log p(d_i | image_i). The black box is only called on integer draws and its outputs carry no
+    gradient, so nothing is backpropagated through it.
+
+    The baseline b (`model.baseline`) lowers the variance of the estimator without biasing it:
+    - `leave_one_out` (default): for each draw, the mean reward of the other draws of the same
+      list. It tracks how hard each list is, which a single running number cannot. It needs
+      samples >= 2, and the extra draws cost only black-box calls, not extractor passes.
+    - `ema`: an exponential moving average of the batch-mean reward with decay
+      `model.baseline_decay`, taken before the current batch is added. It works with one draw.
+    - `none`: b = 0, kept to measure what the baseline buys.
+
+    `model.entropy_weight` adds an entropy bonus that delays the collapse of p onto one digit, and
+    `model.marginal_weight` the batch-marginal KL term that EstiNet uses. StepResult.loss is the
+    mean absolute error of the sampled sums (the negative mean reward), because the value of the
+    surrogate loss has no meaning of its own.
+    """
+
+    name = "reinforce"
+
+    def __init__(self, cfg: DictConfig, black_box: BlackBox, device: torch.device, total_steps: int,
+                 **kwargs: Any):
+        self.settings = ReinforceConfig.from_config(cfg.model)
+        super().__init__(cfg, black_box, device, total_steps, **kwargs)
+        # Draws of the digit arguments. A CPU generator, saved in checkpoints for exact resumes.
+        self.sampling_generator = torch.Generator().manual_seed(int(cfg.seed) + 7919)
+        # The moving-average baseline of baseline=ema. It stays None until the first step.
+        self.reward_baseline: float | None = None
+
+    def sample_arguments(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Draw digit lists (S, B, k) int64 from the softmax outputs (B, k, C), on their device."""
+        batch_size, length, num_classes = probabilities.shape
+        flat = probabilities.detach().reshape(batch_size * length, num_classes).cpu().double()
+        digits = torch.multinomial(
+            flat, self.settings.samples, replacement=True, generator=self.sampling_generator
+        )  # (B * k, S)
+        digits = digits.view(batch_size, length, self.settings.samples).permute(2, 0, 1)
+        return digits.to(probabilities.device)
+
+    def rewards(self, arguments: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """Negative absolute error (S, B) of the black-box outputs of the drawn lists (S, B, k)."""
+        samples, batch_size, length = arguments.shape
+        outputs = self.black_box(arguments.reshape(samples * batch_size, length))  # (S * B,)
+        outputs = outputs.view(samples, batch_size).float()
+        return -(outputs - sums.float()).abs()
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Subtract the configured baseline from the rewards (S, B) and update the moving average."""
+        if self.settings.baseline == "leave_one_out":
+            others = (rewards.sum(0, keepdim=True) - rewards) / (rewards.shape[0] - 1)
+            return rewards - others
+        if self.settings.baseline == "none":
+            return rewards
+        batch_mean = float(rewards.mean())
+        if self.reward_baseline is None:
+            self.reward_baseline = batch_mean
+        advantages = rewards - self.reward_baseline
+        decay = self.settings.baseline_decay
+        self.reward_baseline = decay * self.reward_baseline + (1 - decay) * batch_mean
+        return advantages
+
+    def train_step(self, images, sums, digit_labels=None) -> StepResult:
+        batch_size, length = images.shape[:2]
+        logits = self.extractor(images.flatten(0, 1)).view(batch_size, length, -1)  # (B, k, C)
+        log_probabilities = torch.log_softmax(logits, dim=-1)
+        probabilities = log_probabilities.exp()
+
+        with torch.no_grad():
+            arguments = self.sample_arguments(probabilities)  # (S, B, k)
+            rewards = self.rewards(arguments, sums)  # (S, B)
+            advantages = self.advantages(rewards)  # (S, B)
+
+        expanded = log_probabilities.unsqueeze(0).expand(arguments.shape[0], -1, -1, -1)
+        chosen = expanded.gather(-1, arguments.unsqueeze(-1)).squeeze(-1)  # (S, B, k)
+        loss = -(advantages * chosen.sum(-1)).mean()
+        if self.settings.entropy_weight:
+            loss = loss - self.settings.entropy_weight * mean_entropy(probabilities)
+        if self.settings.marginal_weight:
+            loss = loss + self.settings.marginal_weight * marginal_kl_to_uniform(probabilities)
+
+        ok = self.step_extractor(loss)
+        return StepResult(loss=float(-rewards.mean()), skipped=not ok)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["sampling_generator"] = self.sampling_generator.get_state()
+        state["reward_baseline"] = self.reward_baseline
+        return state
+
+    def load_state_dict(self, state, *, weights_only=False) -> None:
+        super().load_state_dict(state, weights_only=weights_only)
+        if not weights_only:
+            self.sampling_generator.set_state(state["sampling_generator"])
+            self.reward_baseline = state["reward_baseline"]
+
+
+class OracleMethod(ExtractorMethod):
+    """Supervised upper bound: the extractor learns the digit labels by cross-entropy.
+
+    It is the only method that receives digit labels: `uses_digit_labels` makes the training loop
+    pass them. Its test MAE therefore estimates the best that argmax digits fed to the black box
+    can reach with this extractor and training budget. At test time it is used exactly like EstiNet.
+    """
+
+    name = "oracle"
+    uses_digit_labels = True
+
+    def train_step(self, images, sums, digit_labels=None) -> StepResult:
+        if digit_labels is None:
+            raise ValueError(
+                "digit_labels is missing: the oracle trains on the digit labels (B, k) of each "
+                "list, which the training loop passes because uses_digit_labels is True"
+            )
+        logits = self.extractor(images.flatten(0, 1))  # (B * k, C)
+        loss = F.cross_entropy(logits, digit_labels.flatten().long())
+        ok = self.step_extractor(loss)
+        return StepResult(loss=float(loss.detach()), skipped=not ok)
+
+
+METHODS: dict[str, type[Method]] = {
+    "estinet": EstiNet,
+    "nalu": NaluMethod,
+    "reinforce": ReinforceMethod,
+    "oracle": OracleMethod,
+}
 
 
 def build_method(
