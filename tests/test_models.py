@@ -24,6 +24,19 @@ def test_extractor_default_flatten_size():
     assert extractor.fc1.out_features == 50
 
 
+def test_extractor_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    extractor = ArgumentExtractor(ExtractorConfig())
+    contiguous = ArgumentExtractor(ExtractorConfig()).to(memory_format=torch.contiguous_format)
+    contiguous.load_state_dict(extractor.state_dict())
+    images = torch.randn(8, 1, 28, 28)
+
+    assert extractor.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert extractor.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not contiguous.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(extractor(images), contiguous(images))
+
+
 def test_extractor_custom_sizes():
     config = ExtractorConfig(
         conv1_channels=4, conv2_channels=6, kernel_size=3, hidden=16, dropout=0.5

@@ -68,6 +68,11 @@ class ArgumentExtractor(nn.Module):
         flat_features = config.conv2_channels * config.feature_map_size**2  # 320 by default
         self.fc1 = nn.Linear(flat_features, config.hidden)
         self.fc2 = nn.Linear(config.hidden, config.num_classes)
+        # Channels-last conv weights make every conv activation NHWC, where oneDNN's convolutions
+        # and max-pools run 1.4-1.9x faster on CPU for these shapes (benchmarks/levers.py). The
+        # logits equal those of the default layout up to float rounding.
+        # NOTE: measured on CPU only. The effect of this layout on CUDA is unmeasured.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.relu(F.max_pool2d(self.conv1(images), 2))  # (N, C1, 12, 12) by default
