@@ -11,7 +11,10 @@ import torch
 from estinet.data import ImageSplit, ListSet
 from estinet.methods import Method
 
-EVAL_BATCH_IMAGES = 4096  # images per extractor forward pass during evaluation
+# Images per extractor forward pass during evaluation. On CPU, 512 ran 1.5x faster per image than
+# 4096 because the activations of a smaller batch stay in cache (benchmarks/levers.py). An image's
+# logits do not depend on the other images of its batch, up to float rounding.
+EVAL_BATCH_IMAGES = 512
 
 
 @torch.inference_mode()
