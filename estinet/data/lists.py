@@ -76,8 +76,10 @@ class ListSet:
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather the lists at `rows` (B,) as images (B, k, 1, 28, 28) and sums (B,)."""
-        images = self.split.images[self.indices[rows]]  # one gather: (B, k) -> (B, k, 1, 28, 28)
-        return images, self.sums[rows]
+        positions = self.indices.index_select(0, rows)  # (B, k)
+        # index_select copies whole images, 1.5x faster than advanced indexing (benchmarks/levers.py).
+        images = self.split.images.index_select(0, positions.flatten())  # (B * k, 1, 28, 28)
+        return images.view(*positions.shape, *images.shape[1:]), self.sums[rows]
 
     def digit_labels(self, rows: torch.Tensor) -> torch.Tensor:
         """Return the digit labels (B, k) of the lists at `rows`, for diagnostics only."""
