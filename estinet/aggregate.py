@@ -9,6 +9,7 @@ import json
 import math
 import re
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,11 @@ def plot_mae(results: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def _legend_label(label: str, group: dict[str, Any]) -> str:
+    text = f"{display_name(label, group['model'])} (n={len(group['seeds'])})"
+    return textwrap.fill(text, width=130, subsequent_indent="    ")
+
+
 def plot_learning_curves(results: dict[str, Any], path: Path) -> None:
     """Plot validation MAE and digit accuracy against training lists seen, as PNG.
 
@@ -216,27 +222,33 @@ def plot_learning_curves(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4.2), squeeze=False)
+    groups = results["groups"]
+    # One legend for both panels, below them: group labels with overrides can be long.
+    legend_lines = sum(len(_legend_label(label, group).splitlines()) for label, group in groups.items())
+    legend_inches = 0.3 + 0.17 * legend_lines
+    height = 4.2 + legend_inches
+    figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, height), squeeze=False)
     for axis, (key, axis_label) in zip(axes[0], CURVE_METRICS.items()):
-        for label, group in results["groups"].items():
+        for color_index, (label, group) in enumerate(groups.items()):
             points = [point for point in group.get("learning_curve", []) if f"{key}_mean" in point]
             if not points:
                 continue
             lists_seen = [point["lists_seen"] for point in points]
             means = [point[f"{key}_mean"] for point in points]
             stds = [point[f"{key}_std"] for point in points]
-            seeds = len(group["seeds"])
-            (line,) = axis.plot(lists_seen, means, marker="o", markersize=3,
-                                label=f"{display_name(label, group['model'])} (n={seeds})")
+            color = f"C{color_index % 10}"  # the same color for a group in both panels
+            axis.plot(lists_seen, means, marker="o", markersize=3, color=color,
+                      label=_legend_label(label, group))
             axis.fill_between(lists_seen, [m - s for m, s in zip(means, stds)],
-                              [m + s for m, s in zip(means, stds)], color=line.get_color(),
-                              alpha=0.2, linewidth=0)
+                              [m + s for m, s in zip(means, stds)], color=color, alpha=0.2,
+                              linewidth=0)
         axis.set_title(f"{axis_label} (mean ± std over seeds)", fontsize=10)
         axis.set_xlabel("training lists seen")
         axis.set_ylabel(axis_label)
         axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=8)
-    figure.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="lower center", fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, legend_inches / height, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
