@@ -229,13 +229,17 @@ class EstiNet(Method):
         for parameter in self.estimator.parameters():
             parameter.requires_grad_(False)
 
-        self.optimizers["extractor"] = torch.optim.Adam(self.extractor.parameters(), lr=cfg.train.lr)
+        # fused=True updates all parameters in one kernel: about 2% of a CPU training step
+        # (docs/benchmarks.md). A resumed run keeps the setting stored in its checkpoint.
+        self.optimizers["extractor"] = torch.optim.Adam(
+            self.extractor.parameters(), lr=cfg.train.lr, fused=True
+        )
         self.schedulers["extractor"] = make_scheduler(
             self.optimizers["extractor"], cfg.train, total_steps
         )
         if self.estimator_trainable:
             self.optimizers["estimator"] = torch.optim.Adam(
-                self.estimator.parameters(), lr=cfg.estimator.lr
+                self.estimator.parameters(), lr=cfg.estimator.lr, fused=True
             )
         # Draws of the Monte-Carlo black-box targets; part of the checkpointed state.
         self.sampling_generator = torch.Generator().manual_seed(int(cfg.seed) + 7919)
@@ -381,7 +385,7 @@ class NaluMethod(Method):
         # model.lr, when set, replaces train.lr: the end-to-end LSTM + NALU network is stuck at
         # a constant prediction with EstiNet's 3e-3 but learns with 1e-3 (docs/ablations.md).
         lr = cfg.model.get("lr") or cfg.train.lr
-        self.optimizers["network"] = torch.optim.Adam(self.network.parameters(), lr=lr)
+        self.optimizers["network"] = torch.optim.Adam(self.network.parameters(), lr=lr, fused=True)
         self.schedulers["network"] = make_scheduler(self.optimizers["network"], cfg.train, total_steps)
 
     def modules(self) -> dict[str, nn.Module]:
