@@ -71,9 +71,12 @@ def write_mnist_files(root: Path, payloads: dict[str, bytes]) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def synthetic_mnist_payloads() -> dict[str, bytes]:
-    """The four synthetic IDX files as {file name: bytes}: 600 train and 200 test images."""
+def synthetic_payloads() -> dict[str, bytes]:
+    """Return the four synthetic IDX files as {file name: bytes}: 600 train and 200 test images.
+
+    Outside pytest, `write_mnist_files(root, synthetic_payloads())` creates a data root for
+    train_addition.py (with data.verify=false data.validation_images=100).
+    """
     arrays = synthetic_arrays()
     return {
         "train-images-idx3-ubyte": mnist.encode_idx_images(arrays["train"][0]),
@@ -81,6 +84,12 @@ def synthetic_mnist_payloads() -> dict[str, bytes]:
         "t10k-images-idx3-ubyte": mnist.encode_idx_images(arrays["test"][0]),
         "t10k-labels-idx1-ubyte": mnist.encode_idx_labels(arrays["test"][1]),
     }
+
+
+@pytest.fixture(scope="session")
+def synthetic_mnist_payloads() -> dict[str, bytes]:
+    """The four synthetic IDX files as {file name: bytes}: 600 train and 200 test images."""
+    return synthetic_payloads()
 
 
 @pytest.fixture
