@@ -382,8 +382,7 @@ class NaluMethod(Method):
             ExtractorConfig.from_config(cfg.extractor), estimator_architecture(cfg.estimator)
         ).to(device)
         self.extractor = self.network.extractor
-        # model.lr, when set, replaces train.lr: the end-to-end LSTM + NALU network is stuck at
-        # a constant prediction with EstiNet's 3e-3 but learns with 1e-3 (docs/ablations.md).
+        # model.lr, when set, replaces train.lr for the whole network (conf/model/nalu.yaml).
         lr = cfg.model.get("lr") or cfg.train.lr
         self.optimizers["network"] = torch.optim.Adam(self.network.parameters(), lr=lr, fused=True)
         self.schedulers["network"] = make_scheduler(self.optimizers["network"], cfg.train, total_steps)
