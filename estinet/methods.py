@@ -418,7 +418,10 @@ class ExtractorMethod(Method):
         self.device = device
         self.grad_clip = cfg.train.grad_clip
         self.extractor = ArgumentExtractor(ExtractorConfig.from_config(cfg.extractor)).to(device)
-        self.optimizers["extractor"] = torch.optim.Adam(self.extractor.parameters(), lr=cfg.train.lr)
+        # Fused Adam, as for EstiNet's extractor, so that the optimizer is not what differs.
+        self.optimizers["extractor"] = torch.optim.Adam(
+            self.extractor.parameters(), lr=cfg.train.lr, fused=True
+        )
         self.schedulers["extractor"] = make_scheduler(
             self.optimizers["extractor"], cfg.train, total_steps
         )
