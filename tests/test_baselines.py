@@ -14,6 +14,7 @@ from estinet.blackbox import SumBlackBox, make_black_box
 from estinet.checkpoint import load_checkpoint
 from estinet.data import build_addition_data
 from estinet.errors import ConfigError
+from estinet.evaluation import evaluate_checkpoint
 from estinet.methods import OracleMethod, ReinforceMethod, build_method
 from estinet.train import run_training
 
@@ -190,6 +191,19 @@ def test_oracle_learns_synthetic_digits(tmp_path, synthetic_mnist_root):
     assert metrics["uses_digit_labels"] is True
     assert metrics["test_digit_accuracy"] > 0.9
     assert metrics["history"][-1]["val_digit_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("model", ["reinforce", "oracle"])
+def test_baseline_checkpoint_evaluates_like_training(tmp_path, synthetic_mnist_root, model):
+    cfg = compose_train(synthetic_overrides(synthetic_mnist_root) + [f"model={model}"])
+    metrics = run_training(cfg, tmp_path / "run", progress=False)
+    results = evaluate_checkpoint(
+        tmp_path / "run" / "best.pt", lengths=None, num_lists=None, data_root=None, device="cpu"
+    )
+    assert results["model"] == model
+    assert results["test_mae_k10"] == pytest.approx(metrics["test_mae_k10"])
+    assert results["test_mae_k100"] == pytest.approx(metrics["test_mae_k100"])
+    assert results["test_digit_accuracy"] == pytest.approx(metrics["test_digit_accuracy"])
 
 
 def test_learning_curve_matches_runs_by_lists_seen():
