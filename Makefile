@@ -36,5 +36,11 @@ test-fast: $(LAUNCHERS_STAMP)
 data: $(STAMP)
 	$(PY) -m estinet.data --root data
 
+# Training and k=100 evaluation throughput next to the bare extractor and a per-image DataLoader
+# reference, written to docs/benchmark-results.md (minutes; docs/benchmarks.md explains it).
+BENCH_THREADS ?= 1
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py --threads $(BENCH_THREADS) --out docs/benchmark-results.md
+
 clean-venv:
 	rm -rf $(VENV)
