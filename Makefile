@@ -32,6 +32,13 @@ test: $(LAUNCHERS_STAMP)
 test-fast: $(LAUNCHERS_STAMP)
 	$(PY) -m pytest -m "not slow"
 
+# The results table: 4 models x 5 seeds with the paper preset, two jobs at a time, then the
+# aggregation into results/paper/ (about 1.5 hours on 2 CPU cores; docs/benchmarks.md).
+table: $(LAUNCHERS_STAMP)
+	$(PY) train_addition.py --multirun hydra/launcher=parallel hydra.launcher.n_jobs=2 num_threads=1 \
+		model=estinet,nalu,reinforce,oracle seed=0,1,2,3,4 experiment=paper hydra.sweep.dir=multirun/paper
+	$(PY) evaluate.py runs=multirun/paper output=results/paper
+
 # Download and verify MNIST into data/MNIST/raw.
 data: $(STAMP)
 	$(PY) -m estinet.data --root data
