@@ -1,4 +1,4 @@
-"""Train an image-addition model (EstiNet or the NALU baseline) on MNIST lists and test it.
+"""Train an image-addition model (EstiNet, NALU, REINFORCE or the oracle) on MNIST lists and test it.
 
     python train_addition.py                                  # EstiNet, default settings
     python train_addition.py model=nalu experiment=quick
