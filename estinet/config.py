@@ -78,6 +78,7 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
     """Check a composed pretrain.yaml config, raising ConfigError for the first invalid value."""
     cfg = _as_config(cfg)
     _check_process_keys(cfg)
+    _require(cfg, "progress", _is_bool, "true or false", "false")
     estimator = _build("estimator", estimator_architecture, _value(cfg, "estimator"))
     _build("pretrain", PretrainConfig.from_config, _value(cfg, "pretrain"))
     _check_class_counts(cfg, None, estimator.input_size)

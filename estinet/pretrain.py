@@ -404,7 +404,10 @@ def pretrain_estimator(
     window = max(1, pretrain_cfg.steps // 10)
     losses: list[float] = []
     nonfinite_steps = 0
-    bar = tqdm(range(1, pretrain_cfg.steps + 1), desc="pretrain estimator", disable=not progress)
+    bar = tqdm(
+        range(1, pretrain_cfg.steps + 1), desc="pretrain estimator", disable=not progress,
+        mininterval=1.0,
+    )
     for step in bar:
         vectors, targets = next(batches)
         loss = loss_function(estimator(vectors), targets)
@@ -419,7 +422,9 @@ def pretrain_estimator(
         if finite:
             optimizer.step()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3g}", k=vectors.shape[1])
+            # refresh=False: the postfix is shown at the bar's next redraw, which mininterval
+            # limits to one a second, instead of forcing a redraw on every step.
+            bar.set_postfix(loss=f"{losses[-1]:.3g}", k=vectors.shape[1], refresh=False)
         else:
             # Skip the update but keep the learning-rate schedule on time.
             nonfinite_steps += 1
@@ -590,13 +595,16 @@ def _estimator_architecture(estimator_group: Mapping[str, Any]) -> EstimatorConf
 
 
 def run_pretraining(
-    cfg: Mapping[str, Any], output_dir: str | os.PathLike, *, progress: bool = True
+    cfg: Mapping[str, Any], output_dir: str | os.PathLike, *, progress: bool | None = None
 ) -> dict[str, Any]:
     """Pretrain an estimator from a composed pretrain.yaml config and write its run files.
 
     Writes `estimator.pt` (see save_estimator) and `metrics.json` into `output_dir` and returns
-    the metrics.
+    the metrics. `progress` turns the tqdm bar on or off, and None takes the config's `progress`
+    key.
     """
+    if progress is None:
+        progress = bool(cfg.get("progress", True))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("num_threads"):

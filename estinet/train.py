@@ -215,7 +215,8 @@ def _train_epoch(cfg, method, data, epoch, order_generator, *, progress) -> dict
             continue
         losses.append(result.loss)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{result.loss:.3f}")
+            # refresh=False leaves the redraw to tqdm, at most once per mininterval.
+            bar.set_postfix(loss=f"{result.loss:.3f}", refresh=False)
 
     val = evaluate_split(method, data, "val")
     val_k = data.val_lists.k

@@ -19,11 +19,12 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT
 from estinet import methods, train
+from estinet.blackbox import make_black_box
 from estinet.checkpoint import load_checkpoint
 from estinet.data import mnist
 from estinet.errors import CheckpointError, ConfigError, DataError
 from estinet.models.estimator import BlackBoxEstimator, EstimatorConfig
-from estinet.pretrain import save_estimator
+from estinet.pretrain import PretrainConfig, pretrain_estimator, save_estimator
 from estinet.train import NonFiniteLossError, run_training
 
 RESULT_FILES = ("metrics.json", "last.pt", "best.pt")
@@ -584,6 +585,33 @@ def test_complete_run_exits_zero(tmp_path, synthetic_mnist_root):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "already complete" in result.stdout + result.stderr
     assert file_state(run_dir) == before
+
+
+@pytest.mark.parametrize("progress", [True, False], ids=["on", "off"])
+def test_pretrain_progress_switch(tmp_path, progress):
+    args = [
+        f"progress={str(progress).lower()}", "pretrain.steps=20", "pretrain.batch_size=16",
+        "pretrain.max_length=5", "pretrain.mc_samples=8", "pretrain.eval_every=20",
+        "pretrain.eval_size=32", "pretrain.eval_mc_samples=64", f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = run_script("pretrain_estimator.py", args)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("pretrain estimator:" in result.stderr) == progress
+
+
+def test_pretrain_bar_redraws_once_a_second(capsys):
+    config = PretrainConfig(steps=100, batch_size=8, max_length=3, mc_samples=4, eval_every=100,
+                            eval_size=16, eval_mc_samples=32)
+    started = time.perf_counter()
+    pretrain_estimator(EstimatorConfig(), config, make_black_box("sum"), device="cpu", seed=0,
+                       progress=True)
+    seconds = time.perf_counter() - started
+
+    redraws = capsys.readouterr().err.count("\r")
+    # One redraw per elapsed second plus the first and the last. A bar redrawn on every step, as
+    # set_postfix does by default, would count about 100.
+    assert redraws <= seconds + 3, redraws
 
 
 def test_pretrain_invalid_value_exits(tmp_path):
