@@ -1,9 +1,11 @@
 """Validation of composed configs, run by the entry points before any data or model is built.
 
-Hydra already rejects overrides of keys that a config group does not define. These checks cover
-the values: types, ranges, known names, devices and file paths. Each raises ConfigError with one
-line that names the key, the value, what is allowed and an example of a valid override. Groups
-that have their own validating dataclass (data, extractor, estimator, pretrain) are checked by it.
+Hydra rejects overrides of keys that the config does not define, unless they start with `+`.
+The first check also rejects such added keys, so every key must be one that the shipped conf/
+files define (estinet.config_keys). The other checks cover the values: types, ranges, known
+names, devices and file paths. Each raises ConfigError with one line that names the key, the
+value, what is allowed and an example of a valid override. Groups that have their own validating
+dataclass (data, extractor, estimator, pretrain) are checked by it.
 """
 
 import logging
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from estinet.blackbox import BLACK_BOXES
+from estinet.config_keys import find_unknown_keys
 from estinet.data.lists import check_data_config
 from estinet.errors import ConfigError
 from estinet.methods import ESTIMATOR_MODES, LOSSES, METHODS, estimator_architecture
@@ -42,6 +45,7 @@ _ABSENT = object()
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a composed train.yaml config, raising ConfigError for the first invalid value."""
     cfg = _as_config(cfg)
+    _check_known_keys(cfg, "train")
     _check_process_keys(cfg)
     resume = _require(cfg, "resume", _is_resume_value, "true, false or a last.pt path", "true")
     if resume not in ("true", "false"):
@@ -77,6 +81,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_pretrain_config(cfg: DictConfig) -> None:
     """Check a composed pretrain.yaml config, raising ConfigError for the first invalid value."""
     cfg = _as_config(cfg)
+    _check_known_keys(cfg, "pretrain")
     _check_process_keys(cfg)
     _require(cfg, "progress", _is_bool, "true or false", "false")
     estimator = _build("estimator", estimator_architecture, _value(cfg, "estimator"))
@@ -85,6 +90,30 @@ def validate_pretrain_config(cfg: DictConfig) -> None:
 
 
 # --------------------------------------------------------------------------- groups
+
+
+def _check_known_keys(cfg: DictConfig, config_name: str) -> None:
+    """Reject the first key that conf/<config_name>.yaml and its selected options do not define."""
+    unknown = find_unknown_keys(cfg, config_name)
+    if not unknown:
+        return
+    first = unknown[0]
+    where = f"the {first.parent} config" if first.parent else "the config"
+    value = _show(first.value)
+    if first.closest is not None:
+        raise ConfigError(
+            f"{first.key} is not a key of {where}. Did you mean {first.closest}? Use "
+            f"{first.closest}={value} instead of +{first.key}={value}"
+        )
+    if first.defined_by:
+        raise ConfigError(
+            f"{first.key} is not a key of {where}. Only {' and '.join(first.defined_by)} "
+            f"defines it, so select that option or remove the +{first.key} override"
+        )
+    raise ConfigError(
+        f"{first.key} is not a key of {where}, and no known key is close to it. Remove the "
+        f"+{first.key} override (keys of {where}: {', '.join(first.siblings)})"
+    )
 
 
 def _check_process_keys(cfg: DictConfig) -> None:

@@ -583,8 +583,8 @@ def _estimator_architecture(estimator_group: Mapping[str, Any]) -> EstimatorConf
     """Build the EstimatorConfig from the `estimator` config group, without its other keys.
 
     The group also contains keys for how EstiNet training uses the estimator (such as
-    `training` or `checkpoint`), which pretraining does not need. Hydra already rejects command-line
-    overrides of keys that the group does not define.
+    `training` or `checkpoint`), which pretraining does not need. Keys that conf/estimator/ does
+    not define are rejected earlier, by validate_pretrain_config.
     """
     values = OmegaConf.to_container(OmegaConf.create(estimator_group), resolve=True)
     architecture_keys = {field.name for field in fields(EstimatorConfig)}

@@ -95,6 +95,49 @@ def test_invalid_train_value(overrides, expected):
     assert "\n" not in message
 
 
+# (overrides, text the one-line message must contain). Hydra accepts each of these keys because
+# of the leading +, so the config check is what keeps a run from ignoring them.
+UNKNOWN_TRAIN_KEYS = [
+    (["+train.batchsize=16"],
+     "train.batchsize is not a key of the train config. Did you mean train.batch_size? "
+     "Use train.batch_size=16 instead of +train.batchsize=16"),
+    (["+trian.epochs=3"], "trian.epochs is not a key of the config. Did you mean train.epochs?"),
+    (["+batch_size=8"], "Did you mean train.batch_size? Use train.batch_size=8"),
+    (["+data.train.numlists=8"], "Did you mean data.train.num_lists?"),
+    (["+data.trian.k=3"], "Did you mean data.train.k?"),
+    (["+estimator.traning=online"], "Did you mean estimator.training?"),
+    (["+foo=1"],
+     "foo is not a key of the config, and no known key is close to it. Remove the +foo override"),
+    (["model=nalu", "+model.samples=8"],
+     "model.samples is not a key of the model config. Only model=reinforce defines it"),
+    (["model=estinet", "+model.lr=1e-3"], "Only model=nalu defines it"),
+    (["model=oracle", "+model.entropy_weight=1"], "Only model=estinet and model=reinforce"),
+    (["experiment=paper", "+train.epoch=2"], "Did you mean train.epochs?"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    UNKNOWN_TRAIN_KEYS,
+    ids=[" ".join(overrides) for overrides, _ in UNKNOWN_TRAIN_KEYS],
+)
+def test_unknown_train_key(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        validate_train_config(compose_config("train", overrides))
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["model=reinforce", "model.samples=8"], ["model=nalu", "model.lr=3e-3"], ["+hydra.foo=1"]],
+    ids=["reinforce-samples", "nalu-lr", "hydra-key"],
+)
+def test_defined_keys_accepted(overrides):
+    validate_train_config(compose_config("train", overrides))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_cuda_device():
     with pytest.raises(ConfigError, match="CUDA is not available on this machine"):
@@ -108,6 +151,10 @@ INVALID_PRETRAIN_VALUES = [
     (["estimator.lstm_hidden=0"], "estimator.lstm_hidden must be >= 1, got 0"),
     (["pretrain.batch_size=0"], "pretrain.batch_size must be >= 1, got 0"),
     (["pretrain.lr=abc"], "pretrain.lr=abc is invalid"),
+    (["progress=yes"], "progress=yes is invalid: expected true or false"),
+    (["+pretrain.stepz=3"], "Did you mean pretrain.steps? Use pretrain.steps=3"),
+    (["+estimator.online_target=argmax"], "Did you mean estimator.online_targets?"),
+    (["+progres=false"], "progres is not a key of the config. Did you mean progress?"),
 ]
 
 
@@ -125,7 +172,9 @@ def test_invalid_pretrain_value(overrides, expected):
 
 
 @pytest.mark.parametrize(
-    "override", ["train.batch_size=0", "estimator.training=semi", "data.train.k=0", "train.lr=0"]
+    "override",
+    ["train.batch_size=0", "estimator.training=semi", "data.train.k=0", "train.lr=0",
+     "+train.batchsize=16"],
 )
 def test_invalid_value_stops_before_work(tmp_path, synthetic_mnist_root, monkeypatch, override):
     def fail(*args, **kwargs):

@@ -587,6 +587,30 @@ def test_complete_run_exits_zero(tmp_path, synthetic_mnist_root):
     assert file_state(run_dir) == before
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+train.batchsize=16", "Did you mean train.batch_size? Use train.batch_size=16 instead"),
+        ("+model.samples=8", "model.samples is not a key of the model config. Only model=reinf"),
+    ],
+    ids=["misspelled", "other-model"],
+)
+def test_added_unknown_key_exits(tmp_path, synthetic_mnist_root, override, expected):
+    """Hydra's own hint, a leading +, adds an undefined key, and the config check rejects it."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(synthetic_mnist_root) + [
+        "model=nalu", override, f"hydra.run.dir={run_dir}",
+    ]
+    result = run_script("train_addition.py", args)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
+    assert expected in lines[0]
+    assert sorted(path.name for path in run_dir.iterdir()) == [".hydra", "train_addition.log"]
+
+
 @pytest.mark.parametrize("progress", [True, False], ids=["on", "off"])
 def test_pretrain_progress_switch(tmp_path, progress):
     args = [
