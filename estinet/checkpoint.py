@@ -59,6 +59,11 @@ def load_checkpoint(path: str | os.PathLike, *, expected_model: str | None = Non
     checkpoint of a supported format, and, when `expected_model` is given, belongs to that model.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory, not a checkpoint file. Pass the best.pt or last.pt "
+            f"inside it, for example {path / 'best.pt'}"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found. Check the path or train a model first")
     try:

@@ -611,6 +611,35 @@ def test_added_unknown_key_exits(tmp_path, synthetic_mnist_root, override, expec
     assert sorted(path.name for path in run_dir.iterdir()) == [".hydra", "train_addition.log"]
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["checkpoint={run_dir}"],
+         "is a directory, not a checkpoint file. Pass the best.pt or last.pt inside it"),
+        (["checkpoint={run_dir}/best.pt", "num_lists=0"],
+         "num_lists=0 is invalid: expected an integer >= 1 or null, for example num_lists=1000"),
+        (["checkpoint={run_dir}/best.pt", "k=[0]"],
+         "k=[0] is invalid: expected an integer >= 1 or a list of them, for example k=[10,100]"),
+        (["checkpoint={run_dir}/best.pt", "k=0"], "k=0 is invalid"),
+        (["checkpoint={run_dir}/best.pt", "k=[10,10]"], "k=[10,10] is invalid: expected distinct"),
+        (["checkpoint={run_dir}/best.pt", "k=[]"], "k=[] is invalid"),
+    ],
+    ids=["directory", "num-lists-0", "k-list-0", "k-0", "k-repeated", "k-empty"],
+)
+def test_evaluate_bad_input_exits(tmp_path, args, expected):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = [arg.format(run_dir=run_dir) for arg in args]
+    result = run_script("evaluate.py", args + [f"hydra.run.dir={tmp_path / 'evaluate'}"])
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
+    assert expected in lines[0]
+    assert "data.test" not in lines[0]  # the message names the user's key, not the internal one
+
+
 @pytest.mark.parametrize("progress", [True, False], ids=["on", "off"])
 def test_pretrain_progress_switch(tmp_path, progress):
     args = [

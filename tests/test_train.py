@@ -200,6 +200,27 @@ def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_evaluate_checkpoint_writes_json(tmp_path, synthetic_mnist_root):
+    cfg = compose_train(synthetic_overrides(synthetic_mnist_root) + ["model=nalu"])
+    run_training(cfg, tmp_path / "run", progress=False)
+    checkpoint = tmp_path / "run" / "best.pt"
+    eval_dir = tmp_path / "evaluate"
+
+    result = run_script(
+        [str(REPO_ROOT / "evaluate.py"), f"checkpoint={checkpoint}", "k=[5]", "num_lists=16",
+         "device=cpu", f"hydra.run.dir={eval_dir}"],
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads((eval_dir / "evaluation.json").read_text())
+    assert written["checkpoint"] == str(checkpoint)
+    assert written["model"] == "nalu"
+    assert "test_mae_k5" in written
+    assert "test_mae_k10" not in written
+    assert f"wrote {eval_dir / 'evaluation.json'}" in result.stdout + result.stderr
+
+
 def test_multirun_then_evaluate_runs(tmp_path, synthetic_mnist_root):
     sweep = tmp_path / "sweep"
     overrides = synthetic_overrides(synthetic_mnist_root) + ["pretrain.steps=5"]
