@@ -1,11 +1,13 @@
 """Aggregate finished runs into the paper's results table: mean and std over seeds per model and k.
 
 A run is a directory holding metrics.json from train_addition.py. Runs are grouped by model and by
-every command-line override except `seed` (read from Hydra's .hydra/overrides.yaml), so an
-ablation sweep yields one row per setting and a seed sweep one row per model.
+their command-line overrides (read from Hydra's .hydra/overrides.yaml) except the pooled ones such
+as `seed`, so an ablation sweep yields one row per setting and a seed sweep one row per model.
+Other metrics.json files, such as those of pretrain_estimator.py, are skipped with a log line.
 """
 
 import json
+import logging
 import math
 import re
 import statistics
@@ -15,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from estinet.errors import ConfigError
+from estinet.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 # MAE on the test lists reported by Jacovi et al. (ICLR 2019) for image addition, trained on k=10.
 PAPER_MAE = {"estinet": {10: 0.42, 100: 3.3}, "nalu": {10: 1.42, 100: 7.88}}
@@ -27,6 +31,9 @@ DISPLAY_NAMES = {
 }
 # Overrides that never define a different experiment, so runs differing only in them are pooled.
 POOLED_OVERRIDES = ("seed", "num_threads", "device", "train.progress", "data.root", "resume")
+# Overrides left out of the labels only when every run of the aggregation has the same value, so
+# that runs of different presets get their own rows while a one-preset table keeps short labels.
+SHARED_OVERRIDES = ("experiment",)
 # Per-epoch history entries drawn as learning curves, with their axis labels.
 CURVE_METRICS = {
     "val_mae": "validation MAE of the sum",
@@ -35,30 +42,97 @@ CURVE_METRICS = {
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run directories (those with metrics.json) under the given sweep or run directories."""
-    runs: list[Path] = []
+    """Return the train_addition.py run directories under the given sweep or run directories.
+
+    A metrics.json without a `model` key is skipped with a log line. Raises ConfigError when no
+    train_addition.py result remains and DataError when a metrics.json cannot be read.
+    """
+    metrics_files: set[Path] = set()
     for path in map(Path, paths):
         if not path.exists():
             raise ConfigError(f"runs: {path} does not exist. Pass a run or multirun directory")
-        runs.extend(sorted(metrics.parent for metrics in path.rglob("metrics.json")))
-    if not runs:
+        metrics_files.update(path.rglob("metrics.json"))
+    where = ", ".join(map(str, paths))
+    if not metrics_files:
         raise ConfigError(
-            f"runs: no metrics.json found under {', '.join(map(str, paths))}. "
+            f"runs: no metrics.json found under {where}. "
             "Finished train_addition.py runs write one into their run directory"
         )
-    return sorted(set(runs))
+    runs = [path.parent for path in sorted(metrics_files) if read_train_metrics(path) is not None]
+    if not runs:
+        raise ConfigError(
+            f"runs: none of the {len(metrics_files)} metrics.json files under {where} is a "
+            "train_addition.py result (none has a `model` key). Pass the directory of "
+            "train_addition.py runs"
+        )
+    return runs
 
 
-def run_label(run_dir: Path, metrics: dict[str, Any]) -> str:
-    """Group label: the model, then the overrides other than the pooled ones, e.g. `estinet lr=...`."""
+def read_train_metrics(path: Path) -> dict[str, Any] | None:
+    """Load a metrics.json of train_addition.py, or log and return None for any other metrics.json.
+
+    Raises DataError naming the file when it cannot be read or is not valid JSON.
+    """
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(
+            f"failed to read {path}: {error}. Repair or delete the file, or leave its run out "
+            "of `runs`"
+        ) from error
+    if not isinstance(metrics, dict) or "model" not in metrics:
+        log.info("skipped %s: no `model` key, so it is not a train_addition.py result", path)
+        return None
+    return metrics
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    """Return the command-line overrides of a run, from Hydra's .hydra/overrides.yaml."""
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides: list[str] = []
-    if overrides_file.exists():
+    if not overrides_file.exists():
+        return []
+    try:
         overrides = yaml.safe_load(overrides_file.read_text()) or []
-    kept = []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise DataError(
+            f"failed to read {overrides_file}: {' '.join(str(error).split())}. Repair or delete "
+            "the file, or leave its run out of `runs`"
+        ) from error
+    if not isinstance(overrides, list):
+        raise DataError(
+            f"{overrides_file} is invalid: expected a list of overrides, as Hydra writes it. "
+            "Repair or delete the file"
+        )
+    return [str(override) for override in overrides]
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_value(overrides: list[str], key: str) -> str | None:
+    """Return the value that `overrides` give `key`, None when they do not set it."""
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in POOLED_OVERRIDES or key in ("model", "experiment") or key.startswith("hydra."):
+        if override_key(override) == key and "=" in override:
+            value = override.split("=", 1)[1]
+            return None if value == "null" else value
+    return None
+
+
+def run_label(
+    run_dir: Path, metrics: dict[str, Any], *, shared_keys: tuple[str, ...] = SHARED_OVERRIDES
+) -> str:
+    """Return the group label: the model, then the overrides, e.g. `estinet train.lr=1e-3`.
+
+    The model override, the pooled overrides, Hydra's own ones and those in `shared_keys` (keys
+    with the same value in every run of the aggregation) are left out.
+    """
+    kept = []
+    for override in read_overrides(run_dir):
+        key = override_key(override)
+        if key in POOLED_OVERRIDES or key == "model" or key.startswith("hydra."):
+            continue
+        if key in shared_keys:
             continue
         kept.append(override)
     return " ".join([metrics["model"], *sorted(kept)])
@@ -71,12 +145,27 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(run_dirs: list[Path]) -> dict[str, Any]:
-    """Group the runs and compute mean and std of every test metric; returns results.json content."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """Group the runs and compute mean and std of every test metric; returns results.json content.
+
+    Run dirs whose metrics.json is not a train_addition.py result are skipped with a log line.
+    """
+    run_metrics: dict[Path, dict[str, Any]] = {}
     for run_dir in run_dirs:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        metrics["run_dir"] = str(run_dir)
-        groups.setdefault(run_label(run_dir, metrics), []).append(metrics)
+        metrics = read_train_metrics(run_dir / "metrics.json")
+        if metrics is not None:
+            metrics["run_dir"] = str(run_dir)
+            run_metrics[run_dir] = metrics
+    if not run_metrics:
+        raise ConfigError("runs: none of the run directories contains a train_addition.py result")
+
+    shared_keys = tuple(
+        key for key in SHARED_OVERRIDES
+        if len({override_value(read_overrides(run_dir), key) for run_dir in run_metrics}) == 1
+    )
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run_dir, metrics in run_metrics.items():
+        label = run_label(run_dir, metrics, shared_keys=shared_keys)
+        groups.setdefault(label, []).append(metrics)
 
     results: dict[str, Any] = {"groups": {}}
     for label, runs in sorted(groups.items()):
@@ -133,9 +222,12 @@ def display_name(label: str, model: str) -> str:
     return label.replace(model, DISPLAY_NAMES.get(model, model), 1)
 
 
-def _cell(summary: dict[str, Any], key: str, digits: int) -> str:
+def _cell(summary: dict[str, Any], key: str, digits: int, runs: int) -> str:
+    """Format a metric as `mean ± std`, or as the mean alone for one run, which has no std."""
     if key not in summary:
         return "n/a"
+    if runs == 1:
+        return f"{summary[key]['mean']:.{digits}f}"
     return f"{summary[key]['mean']:.{digits}f} ± {summary[key]['std']:.{digits}f}"
 
 
@@ -150,7 +242,10 @@ def test_lengths(results: dict[str, Any]) -> list[int]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The results table (mean ± std over seeds) with the paper's MAE beside ours."""
+    """Return the results table (mean ± std over seeds) with the paper's MAE beside ours.
+
+    A row of a single seed shows the mean alone, because one run has no std.
+    """
     lengths = test_lengths(results)
     header = ["Model", "Seeds"]
     for k in lengths:
@@ -159,15 +254,16 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, group in results["groups"].items():
         model = group["model"]
+        runs = len(group["runs"])
         row = [display_name(label, model), str(len(group["seeds"]))]
         for k in lengths:
             paper = PAPER_MAE.get(model, {}).get(k)
             row += [
-                _cell(group["metrics"], f"test_mae_k{k}", 3),
+                _cell(group["metrics"], f"test_mae_k{k}", 3, runs),
                 "" if paper is None else f"{paper}",
-                _cell(group["metrics"], f"test_exact_k{k}", 3),
+                _cell(group["metrics"], f"test_exact_k{k}", 3, runs),
             ]
-        row.append(_cell(group["metrics"], "test_digit_accuracy", 4))
+        row.append(_cell(group["metrics"], "test_digit_accuracy", 4, runs))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from conftest import REPO_ROOT
 from estinet.aggregate import aggregate, find_runs, markdown_table, plot_mae
 from estinet.data import build_addition_data
+from estinet.errors import ConfigError, DataError
 from estinet.evaluation import evaluate_checkpoint
 from estinet.train import run_training
 
@@ -152,11 +153,12 @@ def test_evaluate_checkpoint_matches_training(tmp_path, synthetic_mnist_root):
     assert "test_mae_k10" not in longer
 
 
-def write_fake_run(directory: Path, model: str, seed: int, mae10: float, mae100: float) -> None:
+def write_fake_run(directory: Path, model: str, seed: int, mae10: float, mae100: float,
+                   experiment: str = "paper") -> None:
     directory.mkdir(parents=True)
     (directory / ".hydra").mkdir()
     (directory / ".hydra" / "overrides.yaml").write_text(
-        yaml.safe_dump([f"model={model}", f"seed={seed}", "experiment=paper"])
+        yaml.safe_dump([f"model={model}", f"seed={seed}", f"experiment={experiment}"])
     )
     metrics = {
         "model": model, "seed": seed, "test_mae_k10": mae10, "test_mae_k100": mae100,
@@ -182,15 +184,71 @@ def test_aggregate_fake_runs(tmp_path):
     table = markdown_table(results)
     assert "0.500 ± 0.141" in table
     assert "| 1.42 |" in table  # the paper's NALU MAE at k=10 beside ours
+    (nalu_row,) = [line for line in table.splitlines() if line.startswith("| NALU |")]
+    assert nalu_row.startswith("| NALU | 1 | 1.500 | 1.42 | 0.500 |")  # one seed: no std
+    assert "±" not in nalu_row
     plot_mae(results, tmp_path / "results.png")
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
 def test_aggregate_without_runs_fails(tmp_path):
-    from estinet.errors import ConfigError
-
     with pytest.raises(ConfigError, match="no metrics.json"):
         find_runs([tmp_path])
+
+
+def write_pretrain_metrics(directory: Path) -> Path:
+    """Write a metrics.json shaped like pretrain_estimator.py's, which has no `model` key."""
+    directory.mkdir(parents=True)
+    path = directory / "metrics.json"
+    path.write_text(json.dumps({"black_box": "sum", "soft_targets": "monte_carlo", "steps": 10}))
+    return path
+
+
+def test_aggregate_skips_pretrain_metrics(tmp_path, caplog):
+    write_fake_run(tmp_path / "sweep" / "0", "estinet", 0, 0.4, 3.0)
+    pretrain_metrics = write_pretrain_metrics(tmp_path / "pretrain")
+    with caplog.at_level("INFO", logger="estinet.aggregate"):
+        runs = find_runs([tmp_path])
+
+    assert runs == [tmp_path / "sweep" / "0"]
+    skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(skipped) == 1, skipped
+    assert str(pretrain_metrics) in skipped[0]
+    assert set(aggregate(runs)["groups"]) == {"estinet"}
+
+
+def test_aggregate_only_pretrain_fails(tmp_path):
+    write_pretrain_metrics(tmp_path / "pretrain")
+    with pytest.raises(ConfigError, match="none of the 1 metrics.json files .* is a train_"):
+        find_runs([tmp_path])
+
+
+@pytest.mark.parametrize("content", ["{", "", "\xff\xfe"], ids=["truncated", "empty", "binary"])
+def test_aggregate_corrupt_metrics_named(tmp_path, content):
+    write_fake_run(tmp_path / "0", "estinet", 0, 0.4, 3.0)
+    broken = tmp_path / "1" / "metrics.json"
+    broken.parent.mkdir()
+    broken.write_bytes(content.encode("latin-1"))
+
+    with pytest.raises(DataError) as error:
+        find_runs([tmp_path])
+    assert str(broken) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_aggregate_keeps_differing_presets(tmp_path):
+    write_fake_run(tmp_path / "0", "estinet", 0, 0.4, 3.0, experiment="paper")
+    write_fake_run(tmp_path / "1", "estinet", 1, 0.6, 4.0, experiment="paper")
+    write_fake_run(tmp_path / "2", "estinet", 0, 0.9, 6.0, experiment="quick")
+    results = aggregate(find_runs([tmp_path]))
+
+    groups = results["groups"]
+    assert set(groups) == {"estinet experiment=paper", "estinet experiment=quick"}
+    assert groups["estinet experiment=paper"]["seeds"] == [0, 1]
+    assert groups["estinet experiment=quick"]["seeds"] == [0]
+    table = markdown_table(results)
+    assert "| EstiNet experiment=paper | 2 |" in table
+    assert "| EstiNet experiment=quick | 1 |" in table
 
 
 def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
