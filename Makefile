@@ -1,7 +1,8 @@
 # Everyday commands. Each target creates the virtual environment first when it is missing or when
 # requirements.txt has changed, so a fresh clone needs nothing but Python 3.11 and make. The test
 # targets also install requirements-launchers.txt, the Hydra launcher plugins the sweep tests use.
-PYTHON ?= python3.11
+# Python 3.11 by default; falls back to python3 when no python3.11 is on PATH.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
