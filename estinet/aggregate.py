@@ -1,6 +1,6 @@
-"""Aggregate finished runs into the paper's results table: mean and std over seeds per model and k.
+"""Aggregate finished runs into the results table of Jacovi et al. (2019): mean and std over seeds.
 
-A run is a directory holding metrics.json from train_addition.py. Runs are grouped by model and by
+A run is a directory that contains metrics.json from train_addition.py. Runs are grouped by model and by
 their command-line overrides (read from Hydra's .hydra/overrides.yaml) except the pooled ones such
 as `seed`, so an ablation sweep yields one row per setting and a seed sweep one row per model.
 Other metrics.json files, such as those of pretrain_estimator.py, are skipped with a log line.

@@ -67,7 +67,7 @@ def load_checkpoint(path: str | os.PathLike, *, expected_model: str | None = Non
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found. Check the path or train a model first")
     try:
-        # weights_only=False: the payload holds RNG states (NumPy arrays, Python tuples) as well
+        # weights_only=False: the payload contains RNG states (NumPy arrays, Python tuples) as well
         # as tensors. Only load checkpoints you created yourself.
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 ESTIMATOR_MODES = ("offline", "online", "hybrid")
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 # Keys of the `estimator` config group that configure EstiNet's use of the estimator rather than
-# its architecture; EstimatorConfig never sees them.
+# its architecture; they are removed before EstimatorConfig is built.
 ESTIMATOR_TRAINING_KEYS = ("training", "checkpoint", "lr", "online_targets", "online_mc_samples")
 
 
@@ -309,7 +309,7 @@ class EstiNet(Method):
         return float(loss.detach()) if ok else None
 
     def _stand_in(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """The differentiable stand-in for the black box that the extractor learns through."""
+        """Compute the differentiable stand-in for the black box that the extractor learns through."""
         if self.cfg.get("diagnostic_expected_sum", False):
             # NOTE: diagnostic only, not a black-box method. The closed-form expected sum
             # sum_i sum_d d * p_i(d) requires knowing that the black box is `sum`. It isolates

@@ -183,7 +183,7 @@ def test_aggregate_fake_runs(tmp_path):
 
     table = markdown_table(results)
     assert "0.500 ± 0.141" in table
-    assert "| 1.42 |" in table  # the paper's NALU MAE at k=10 beside ours
+    assert "| 1.42 |" in table  # Jacovi et al. (2019) report NALU MAE 1.42 at k=10; the table shows it beside ours
     (nalu_row,) = [line for line in table.splitlines() if line.startswith("| NALU |")]
     assert nalu_row.startswith("| NALU | 1 | 1.500 | 1.42 | 0.500 |")  # one seed: no std
     assert "±" not in nalu_row
