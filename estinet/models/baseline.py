@@ -12,7 +12,12 @@ from estinet.models.extractor import ArgumentExtractor, ExtractorConfig
 
 
 class NaluBaseline(nn.Module):
-    """Image lists (B, k, 1, 28, 28) -> (predicted output (B,), digit logits (B, k, C))."""
+    """Image lists (B, k, 1, 28, 28) -> (predicted output (B,), digit logits (B, k, C)).
+
+    NOTE: trained on k=10, this network fits k=10 (test MAE near 1.4) but misses k=100 sums by
+    300 to 440, unlike the 7.88 reported by Jacovi et al. (2019); docs/ablations.md lists the
+    head variants tried.
+    """
 
     def __init__(
         self, extractor_config: ExtractorConfig, estimator_config: EstimatorConfig
