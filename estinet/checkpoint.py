@@ -40,10 +40,15 @@ def _atomic_write(path: Path, write) -> None:
         os.close(directory)
 
 
+def atomic_torch_save(path: str | os.PathLike, payload: Any) -> None:
+    """torch.save `payload` to `path` through a temp file, so a kill never leaves half a file."""
+    _atomic_write(Path(path), lambda file: torch.save(payload, file))
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Save a training checkpoint atomically, tagged with its kind and format version."""
     payload = {"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT_VERSION, **payload}
-    _atomic_write(Path(path), lambda file: torch.save(payload, file))
+    atomic_torch_save(path, payload)
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:

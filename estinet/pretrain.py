@@ -14,7 +14,6 @@ Soft lists have two labelling modes (PretrainConfig.soft_targets):
 One-hot lists are labelled by the black box directly in both modes.
 """
 
-import json
 import logging
 import math
 import os
@@ -29,12 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from estinet.blackbox import BlackBox, make_black_box
+from estinet.checkpoint import atomic_torch_save, write_json
 from estinet.errors import CheckpointError, ConfigError
 from estinet.models.estimator import BlackBoxEstimator, EstimatorConfig
+from estinet.structured import build_structured
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,7 @@ class PretrainConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "PretrainConfig":
         """Build the config from a mapping or DictConfig, raising ConfigError for invalid keys."""
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(cls), cfg)
-            return OmegaConf.to_object(merged)
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"invalid pretrain config: {error}") from error
+        return build_structured(cls, cfg, "pretrain")
 
 
 # ------------------------------------------------------------------------- synthetic digit vectors
@@ -478,11 +474,7 @@ def save_estimator(
         "estimator_config": estimator.config.to_dict(),
         "state_dict": {name: tensor.cpu() for name, tensor in estimator.state_dict().items()},
     }
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, temporary)
-    os.replace(
-        temporary, path
-    )  # a crash while saving never leaves a truncated checkpoint at `path`
+    atomic_torch_save(path, checkpoint)
 
 
 def load_estimator(
@@ -630,7 +622,7 @@ def run_pretraining(
     )
     metrics = {"black_box": black_box.name, "soft_targets": pretrain_cfg.soft_targets, **metrics}
     save_estimator(output_dir / "estimator.pt", estimator, black_box.name)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(output_dir / "metrics.json", metrics)
     log.info(
         "wrote %s and %s (%.0f s)",
         output_dir / "estimator.pt",

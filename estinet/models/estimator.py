@@ -11,11 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from estinet.errors import ConfigError
+from estinet.structured import build_structured
 from estinet.models.nalu import DEFAULT_EPS, DEFAULT_MAX_EXPONENT, NALU
 
 READOUTS = ("cell", "hidden")
@@ -55,11 +54,7 @@ class EstimatorConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "EstimatorConfig":
         """Build the config from a mapping or DictConfig, raising ConfigError for invalid keys."""
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(cls), cfg)
-            return OmegaConf.to_object(merged)
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"invalid estimator config: {error}") from error
+        return build_structured(cls, cfg, "estimator")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,11 +6,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from estinet.errors import ConfigError
+from estinet.structured import build_structured
 
 IMAGE_SIZE = 28  # MNIST images are (1, 28, 28)
 
@@ -49,11 +48,7 @@ class ExtractorConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ExtractorConfig":
         """Build the config from a mapping or DictConfig, raising ConfigError for invalid keys."""
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(cls), cfg)
-            return OmegaConf.to_object(merged)
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"invalid extractor config: {error}") from error
+        return build_structured(cls, cfg, "extractor")
 
 
 class ArgumentExtractor(nn.Module):
