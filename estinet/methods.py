@@ -5,7 +5,7 @@ training loop: `train_step`, `predict_from_probabilities` (the test-time path) a
 checkpoints. Methods:
 
 - `estinet` (Estimate and Replace): the argument extractor learns through a differentiable
-  black-box estimator; at test time its argmax digits go into the real black box.
+  black-box estimator. At test time its argmax digits go into the real black box.
 - `nalu`: the baseline; extractor + LSTM + NALU trained end to end and used as-is at test time.
 - `reinforce`: the extractor samples digit arguments, the real black box scores them, and the
   score-function (REINFORCE) gradient trains the extractor; argmax digits go into the black box.
