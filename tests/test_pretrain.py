@@ -407,6 +407,11 @@ def test_load_mismatched_config_mapping(checkpoint_path):
         load_estimator(checkpoint_path, expected_config={"readout": "hidden"})
 
 
+def test_load_ignores_initialization_only_settings(checkpoint_path):
+    estimator = load_estimator(checkpoint_path, expected_config={"forget_bias": 3.0})
+    assert estimator.config.forget_bias is None  # the saved config, not the expected one
+
+
 def test_load_mismatched_black_box(checkpoint_path):
     with pytest.raises(CheckpointError, match="'sum', expected 'max'") as error:
         load_estimator(checkpoint_path, expected_black_box="max")

@@ -30,6 +30,10 @@ class EstimatorConfig:
     # h_k is bounded in [-1, 1], so it cannot grow with k. c_k can, and it extrapolated far better
     # from training lists of k <= 20 to k = 100 (docs/estimator.md has the measurements).
     readout: str = "cell"
+    # Initial bias of the LSTM's forget gate (split evenly between bias_ih and bias_hh), or None
+    # for torch's default uniform initialization. A large value starts the cell state as a
+    # running total that keeps what it has added.
+    forget_bias: float | None = None
     nalu_hidden: int = 100  # width of every NALU layer except the last, which has one output
     nalu_layers: int = 2
     nalu_eps: float = DEFAULT_EPS
@@ -67,6 +71,11 @@ class BlackBoxEstimator(nn.Module):
         super().__init__()
         self.config = config
         self.lstm = nn.LSTM(config.input_size, config.lstm_hidden, batch_first=True)
+        if config.forget_bias is not None:
+            hidden = config.lstm_hidden
+            with torch.no_grad():  # gate order in torch's LSTM biases: input, forget, cell, output
+                for bias in (self.lstm.bias_ih_l0, self.lstm.bias_hh_l0):
+                    bias[hidden : 2 * hidden].fill_(config.forget_bias / 2)
         widths = [config.lstm_hidden] + [config.nalu_hidden] * (config.nalu_layers - 1) + [1]
         self.nalus = nn.ModuleList(
             NALU(width_in, width_out, eps=config.nalu_eps, max_exponent=config.nalu_max_exponent)
