@@ -34,6 +34,7 @@ from estinet.blackbox import BlackBox, make_black_box
 from estinet.checkpoint import atomic_torch_save, write_json
 from estinet.errors import CheckpointError, ConfigError
 from estinet.models.estimator import BlackBoxEstimator, EstimatorConfig
+from estinet.runtime import environment_summary
 from estinet.structured import build_structured
 
 log = logging.getLogger(__name__)
@@ -623,7 +624,12 @@ def run_pretraining(
         seed=cfg["seed"],
         progress=progress,
     )
-    metrics = {"black_box": black_box.name, "soft_targets": pretrain_cfg.soft_targets, **metrics}
+    metrics = {
+        "black_box": black_box.name,
+        "soft_targets": pretrain_cfg.soft_targets,
+        **metrics,
+        "environment": environment_summary(),
+    }
     save_estimator(output_dir / "estimator.pt", estimator, black_box.name)
     write_json(output_dir / "metrics.json", metrics)
     log.info(

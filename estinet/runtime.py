@@ -3,7 +3,9 @@
 import logging
 import os
 import random
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
@@ -98,13 +100,34 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def source_version() -> str | None:
+    """Return the git commit of this checkout, with "+changes" when tracked files are modified.
+
+    Returns None when git or the repository is not available, for example in an exported copy.
+    """
+    repository = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repository), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+changes" if changes else commit
+
+
 def environment_summary() -> dict[str, Any]:
-    """Machine facts worth recording beside every result."""
+    """Machine and code facts worth recording beside every result."""
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "source_version": source_version(),
     }
 
 

@@ -1,0 +1,40 @@
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from estinet import runtime
+from estinet.runtime import environment_summary, source_version
+
+REPOSITORY = Path(runtime.__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPOSITORY), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.mark.skipif(
+    shutil.which("git") is None or not (REPOSITORY / ".git").exists(),
+    reason="needs git and a git checkout of the repository",
+)
+def test_source_version_names_head_commit():
+    version = source_version()
+    commit = _git("rev-parse", "--short=12", "HEAD")
+    modified = _git("status", "--porcelain", "--untracked-files=no") != ""
+    assert version == (f"{commit}+changes" if modified else commit)
+
+
+def test_source_version_without_git(monkeypatch):
+    def missing_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(runtime.subprocess, "run", missing_git)
+    assert source_version() is None
+
+
+def test_environment_records_source_version(monkeypatch):
+    monkeypatch.setattr(runtime, "source_version", lambda: "0123456789ab")
+    assert environment_summary()["source_version"] == "0123456789ab"
