@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # MAE on the test lists reported by Jacovi et al. (ICLR 2019) for image addition, trained on k=10.
 PAPER_MAE = {"estinet": {10: 0.42, 100: 3.3}, "nalu": {10: 1.42, 100: 7.88}}
+# plot_mae switches a panel to a log axis when its largest mean MAE exceeds its smallest by more.
+LOG_SCALE_SPREAD = 30.0
 DISPLAY_NAMES = {
     "estinet": "EstiNet",
     "nalu": "NALU",
@@ -268,6 +270,15 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def needs_log_scale(means: list[float]) -> bool:
+    """Return whether bars of these means need a log axis to stay readable.
+
+    On a linear axis, one model far above the others flattens their bars to zero height.
+    """
+    positive = [mean for mean in means if math.isfinite(mean) and mean > 0]
+    return bool(positive) and max(positive) / min(positive) > LOG_SCALE_SPREAD
+
+
 def plot_mae(results: dict[str, Any], path: Path) -> None:
     """Bar chart of test MAE by group and k with std error bars, saved as PNG."""
     import matplotlib
@@ -277,6 +288,7 @@ def plot_mae(results: dict[str, Any], path: Path) -> None:
 
     lengths = test_lengths(results)
     labels = list(results["groups"])
+    names = [display_name(label, results["groups"][label]["model"]) for label in labels]
     figure, axes = plt.subplots(1, len(lengths), figsize=(4 + 1.2 * len(labels), 4), squeeze=False)
     for axis, k in zip(axes[0], lengths):
         means, stds = [], []
@@ -285,6 +297,13 @@ def plot_mae(results: dict[str, Any], path: Path) -> None:
             means.append(summary["mean"] if summary else math.nan)
             stds.append(summary["std"] if summary else 0.0)
         axis.bar(range(len(labels)), means, yerr=stds, capsize=4, color="tab:blue")
+        if needs_log_scale(means):
+            axis.set_yscale("log")
+            axis.set_ylim(bottom=min(mean for mean in means if mean > 0) / 4)
+        for index, (mean, std) in enumerate(zip(means, stds)):
+            if math.isfinite(mean):  # the value above the top of the error bar
+                axis.annotate(f"{mean:.3g}", (index, mean + std), xytext=(0, 3),
+                              textcoords="offset points", ha="center", va="bottom", fontsize=7)
         for index, label in enumerate(labels):
             paper = PAPER_MAE.get(results["groups"][label]["model"], {}).get(k)
             if paper is not None:
@@ -292,7 +311,7 @@ def plot_mae(results: dict[str, Any], path: Path) -> None:
                           label="paper" if index == 0 or "paper" not in
                           axis.get_legend_handles_labels()[1] else None)
         axis.set_xticks(range(len(labels)))
-        axis.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        axis.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
         axis.set_title(f"test MAE, k={k}")
         axis.set_ylabel("mean absolute error of the sum")
         if axis.get_legend_handles_labels()[0]:

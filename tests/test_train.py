@@ -5,6 +5,7 @@ trains the quick preset on the real MNIST.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT
-from estinet.aggregate import aggregate, find_runs, markdown_table, plot_mae
+from estinet.aggregate import aggregate, find_runs, markdown_table, needs_log_scale, plot_mae
 from estinet.data import build_addition_data
 from estinet.errors import ConfigError, DataError
 from estinet.evaluation import evaluate_checkpoint
@@ -189,6 +190,20 @@ def test_aggregate_fake_runs(tmp_path):
     assert "±" not in nalu_row
     plot_mae(results, tmp_path / "results.png")
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("means", "expected"),
+    [
+        ([0.34, 1.42, 0.30, 0.68], False),  # k=10 of the table: comparable bars
+        ([2.64, 442.0, 2.43, 3.39], True),  # k=100: NALU would flatten the others
+        ([2.0, math.nan, 100.0], True),  # a missing group is ignored
+        ([0.0, 5.0], False),  # zero has no place on a log axis
+        ([], False),
+    ],
+)
+def test_log_scale_for_wide_spread(means, expected):
+    assert needs_log_scale(means) is expected
 
 
 def test_aggregate_without_runs_fails(tmp_path):
