@@ -20,6 +20,7 @@ from estinet.aggregate import aggregate, find_runs, markdown_table, plot_learnin
 from estinet.checkpoint import write_json
 from estinet.errors import ConfigError, EstinetError
 from estinet.evaluation import evaluate_checkpoint
+from estinet.runtime import check_command_line
 
 log = logging.getLogger("evaluate")
 
@@ -107,4 +108,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    problem = check_command_line(sys.argv[1:], "evaluate")
+    if problem:
+        sys.exit(f"error: {problem}")
     main()

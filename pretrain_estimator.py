@@ -5,6 +5,7 @@ python pretrain_estimator.py pretrain.soft_targets=argmax hydra.run.dir=outputs/
 """
 
 import logging
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from estinet.config import validate_pretrain_config
 from estinet.errors import ConfigError, EstinetError
 from estinet.pretrain import run_pretraining
-from estinet.runtime import fail_job, resolve_device
+from estinet.runtime import check_command_line, fail_job, resolve_device
 
 log = logging.getLogger("pretrain_estimator")
 
@@ -32,4 +33,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    problem = check_command_line(sys.argv[1:], "pretrain")
+    if problem:
+        sys.exit(f"error: {problem}")
     main()

@@ -57,6 +57,13 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     _atomic_write(Path(path), lambda file: file.write(text.encode()))
 
 
+def _starts_like_torch_save(path: Path) -> bool:
+    """Return whether the file begins as torch.save output: a zip archive or a legacy pickle."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: str | os.PathLike, *, expected_model: str | None = None) -> dict[str, Any]:
     """Load a training checkpoint on the CPU, raising CheckpointError naming the file on any problem.
 
@@ -71,14 +78,20 @@ def load_checkpoint(path: str | os.PathLike, *, expected_model: str | None = Non
         )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found. Check the path or train a model first")
+    if not _starts_like_torch_save(path):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it is not a file written by torch.save. Pass the best.pt "
+            "or last.pt of a run dir"
+        )
     try:
         # weights_only=False: the payload contains RNG states (NumPy arrays, Python tuples) as well
         # as tensors. Only load checkpoints you created yourself.
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).rstrip(". ")
         raise CheckpointError(
-            f"failed to read checkpoint {path}: {error}. The file is truncated or corrupt; "
-            "delete it and train again (or resume from last.pt)"
+            f"failed to read checkpoint {path} ({reason}): the file is truncated or corrupt. Use "
+            "another checkpoint of the run (best.pt or last.pt), or train again"
         ) from error
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(

@@ -84,6 +84,40 @@ def find_unknown_keys(cfg: DictConfig, config_name: str) -> list[UnknownKey]:
     ]
 
 
+def unknown_override_message(argv: list[str], config_name: str) -> str | None:
+    """Return a one-line error for the first `key=value` argument whose key no shipped file defines.
+
+    Hydra rejects such an override itself, but with a multi-line message that suggests the `+`
+    prefix. The keys of every option of every group count as known here, and `+key`, `~key`,
+    `group/option`, `hydra.*` and flags are left to Hydra and to the config validation.
+    """
+    groups = _default_options(config_name)
+    schema = shipped_keys(config_name, {group: ANY_OPTION for group in groups})
+    for argument in argv:
+        key, separator, value = argument.partition("=")
+        if not separator or key.startswith(("-", "+", "~")) or "/" in key or "@" in key:
+            continue
+        if key in groups or (CONF_DIR / key).is_dir():  # a group option such as experiment=paper
+            continue
+        if key.split(".", 1)[0] in UNCHECKED_ROOT_KEYS:
+            continue
+        if key in schema.leaves or key in schema.nodes:
+            continue
+        known_parents = [node for node in _parents(key)[:-1] if node in schema.nodes]
+        parent = known_parents[-1] if known_parents else ""
+        where = f"the {parent} config" if parent else "the config"
+        closest = closest_key(key, parent, schema)
+        if closest is not None:
+            return (
+                f"{key} is not a key of {where}. Did you mean {closest}? Use {closest}={value}"
+            )
+        return (
+            f"{key} is not a key of {where}, and no known key is close to it (keys of {where}: "
+            f"{', '.join(schema.children(parent))})"
+        )
+    return None
+
+
 def selected_options(config_name: str, cfg: DictConfig) -> dict[str, str | None]:
     """Return the option of each config group in the root file's defaults list.
 

@@ -1,5 +1,6 @@
 """Process-level set-up shared by the entry points: devices, threads, seeds and RNG snapshots."""
 
+import importlib.util
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 
+from estinet.config_keys import unknown_override_message
 from estinet.errors import ConfigError
 
 # Workspace setting that makes cuBLAS, and the cuDNN LSTM built on it, deterministic on CUDA 10.2
@@ -133,6 +135,55 @@ def environment_summary() -> dict[str, Any]:
 
 class JobFailedError(CompactHydraException):
     """A multirun job that stopped on an estinet error. Hydra prints only its message."""
+
+
+# Launchers selectable with hydra/launcher=NAME, and the plugin module and package each one needs.
+LAUNCHER_PLUGINS = {
+    "parallel": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+}
+
+
+def missing_launcher_plugin(argv: list[str]) -> str | None:
+    """Return an error message when argv selects a Hydra launcher whose plugin is not installed.
+
+    Without this check Hydra fails later, with a message about a missing config group option that
+    does not say which package to install.
+    """
+    for argument in argv:
+        name = argument.removeprefix("hydra/launcher=")
+        if name == argument or name not in LAUNCHER_PLUGINS:
+            continue
+        module, package = LAUNCHER_PLUGINS[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # hydra_plugins itself is missing
+            found = False
+        if not found:
+            return (
+                f"hydra/launcher={name} needs the {package} package, which is not installed. "
+                "Install the launcher plugins with: pip install -r requirements-launchers.txt"
+            )
+    return None
+
+
+# Hydra flags that select another config than the entry point's own, so the shipped keys of that
+# config do not apply to the overrides.
+OTHER_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+
+
+def check_command_line(argv: list[str], config_name: str) -> str | None:
+    """Return a one-line error for a command line that Hydra would reject with a long message.
+
+    Covers a launcher whose plugin is missing and an override of a key that conf/ does not define.
+    """
+    problem = missing_launcher_plugin(argv)
+    if problem is None and not any(argument.startswith(OTHER_CONFIG_FLAGS) for argument in argv):
+        problem = unknown_override_message(argv, config_name)
+    return problem
 
 
 def fail_job(error: Exception, logger: logging.Logger) -> NoReturn:

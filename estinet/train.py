@@ -11,6 +11,7 @@ run dir without it contains an unfinished run.
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,12 @@ RESUME_FREE_KEYS = (
     "estimator.checkpoint",  # a resumed estimator comes from last.pt, not from this file
 )
 
+# Hydra writes the composed config, its own settings and the overrides of every command into
+# COMMAND_CONFIG_DIR (hydra.output_subdir). RUN_CONFIG_DIR contains those of the command that
+# started the run, the files evaluate.py reads to label runs.
+COMMAND_CONFIG_DIR = ".hydra-last"
+RUN_CONFIG_DIR = ".hydra"
+
 
 class NonFiniteLossError(EstinetError, RuntimeError):
     """A non-finite loss or gradient under train.nonfinite=stop, or non-finite weights."""
@@ -108,6 +115,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path, *, progress: bool = Tr
             return json.loads(metrics_path.read_text())
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    _record_run_config(output_dir, fresh=checkpoint is None)
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     configure_determinism(cfg.deterministic, device)
@@ -178,6 +186,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path, *, progress: bool = Tr
         "  ".join(f"{key} {value:.4f}" for key, value in metrics.items()
                   if key.startswith("test_") and isinstance(value, float)),
     )
+    log.info("wrote %s, %s and %s", metrics_path, best_path, last_path)
     return metrics
 
 
@@ -249,6 +258,19 @@ def _check_finite_weights(method: Method, epoch: int, last_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- resuming
+
+
+def _record_run_config(output_dir: Path, *, fresh: bool) -> None:
+    """Copy the config files Hydra wrote for this command into .hydra/, the run's own record.
+
+    Hydra writes them into COMMAND_CONFIG_DIR (hydra.output_subdir in conf/train.yaml) before any
+    check runs. Copying them only once a command is accepted means that a rejected command never
+    replaces the config of the run already in the dir. A resumed run keeps the record it has.
+    """
+    source, target = output_dir / COMMAND_CONFIG_DIR, output_dir / RUN_CONFIG_DIR
+    if not source.is_dir() or (target.exists() and not fresh):
+        return
+    shutil.copytree(source, target, dirs_exist_ok=True)
 
 
 def _resume_path(cfg: DictConfig, output_dir: Path) -> Path | None:

@@ -10,6 +10,7 @@ from conftest import REPO_ROOT
 from estinet import train
 from estinet.checkpoint import config_differences
 from estinet.config import validate_pretrain_config, validate_train_config
+from estinet.config_keys import unknown_override_message
 from estinet.errors import ConfigError
 from estinet.runtime import configure_determinism
 from estinet.train import run_training
@@ -244,3 +245,33 @@ def test_user_cublas_setting_kept(monkeypatch):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train.epoch=3"], "train.epoch is not a key of the train config. Did you mean "
+                            "train.epochs? Use train.epochs=3"),
+        (["trian.epochs=3"], "trian.epochs is not a key of the config. Did you mean train.epochs?"),
+        (["data.train.num_list=5"], "Did you mean data.train.num_lists? Use data.train.num_lists=5"),
+        (["foo=1"], "foo is not a key of the config, and no known key is close to it (keys of"),
+    ],
+)
+def test_unknown_override_named(argv, expected):
+    message = unknown_override_message(argv, "train")
+    assert message is not None
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["seed=1", "model=nalu", "train.epochs=2", "experiment=quick"],
+        ["model.samples=8"],  # model=reinforce defines it; the config validation checks the model
+        ["+train.batchsize=16"],  # an added key is the config validation's to reject
+        ["hydra.run.dir=out", "hydra/launcher=parallel", "--multirun", "seed=0,1,2"],
+        ["data.test={num_lists: 10, k: [10]}", "estimator.forget_bias=3"],
+    ],
+)
+def test_known_overrides_pass(argv):
+    assert unknown_override_message(argv, "train") is None

@@ -529,16 +529,30 @@ def test_invalid_value_exits_with_one_line(tmp_path, synthetic_mnist_root):
     lines = error_lines(result)
     assert len(lines) == 1, lines
     assert "train.batch_size=0 is invalid: expected an integer >= 1" in lines[0]
-    assert sorted(path.name for path in run_dir.iterdir()) == [".hydra", "train_addition.log"]
+    assert sorted(path.name for path in run_dir.iterdir()) == [".hydra-last", "train_addition.log"]
 
 
-def test_unknown_key_exits_cleanly(tmp_path, synthetic_mnist_root):
-    args = tiny_overrides(synthetic_mnist_root) + ["train.lrr=1", f"hydra.run.dir={tmp_path}/run"]
-    result = run_script("train_addition.py", args)
+@pytest.mark.parametrize(
+    ("script", "override", "expected"),
+    [
+        ("train_addition.py", "train.lrr=1",
+         "error: train.lrr is not a key of the train config. Did you mean train.lr? Use train.lr=1"),
+        ("pretrain_estimator.py", "pretrain.step=10",
+         "error: pretrain.step is not a key of the pretrain config. Did you mean pretrain.steps?"),
+        ("evaluate.py", "num_threads=1", "error: num_threads is not a key of the config"),
+    ],
+)
+def test_unknown_key_exits_with_one_line(tmp_path, synthetic_mnist_root, script, override,
+                                         expected):
+    args = [override, f"hydra.run.dir={tmp_path}/run"]
+    if script == "train_addition.py":
+        args = tiny_overrides(synthetic_mnist_root) + args
+    result = run_script(script, args)
 
     assert result.returncode == 1
-    assert "Could not override 'train.lrr'" in result.stderr
-    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(expected)
     assert not (tmp_path / "run").exists()
 
 
@@ -588,6 +602,30 @@ def test_complete_run_exits_zero(tmp_path, synthetic_mnist_root):
 
 
 @pytest.mark.parametrize(
+    "rejected",
+    [["train.lr=1e-3"], ["resume=true", "seed=5"]],
+    ids=["fresh-run-into-finished-dir", "resume-with-other-seed"],
+)
+def test_rejected_command_keeps_run_config(tmp_path, synthetic_mnist_root, rejected):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_mnist_root) + ["model=nalu", "train.epochs=1",
+                                                        f"hydra.run.dir={run_dir}"]
+    first = run_script("train_addition.py", overrides)
+    assert first.returncode == 0, first.stdout + first.stderr
+    record = {path.name: path.read_text() for path in (run_dir / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    before = file_state(run_dir)
+
+    result = run_script("train_addition.py", overrides + rejected)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert len(error_lines(result)) == 1
+    assert {path.name: path.read_text() for path in (run_dir / ".hydra").iterdir()} == record
+    assert file_state(run_dir) == before
+    assert rejected[-1] in (run_dir / ".hydra-last" / "overrides.yaml").read_text()
+
+
+@pytest.mark.parametrize(
     ("override", "expected"),
     [
         ("+train.batchsize=16", "Did you mean train.batch_size? Use train.batch_size=16 instead"),
@@ -608,7 +646,7 @@ def test_added_unknown_key_exits(tmp_path, synthetic_mnist_root, override, expec
     lines = error_lines(result)
     assert len(lines) == 1, lines
     assert expected in lines[0]
-    assert sorted(path.name for path in run_dir.iterdir()) == [".hydra", "train_addition.log"]
+    assert sorted(path.name for path in run_dir.iterdir()) == [".hydra-last", "train_addition.log"]
 
 
 @pytest.mark.parametrize(
@@ -623,12 +661,15 @@ def test_added_unknown_key_exits(tmp_path, synthetic_mnist_root, override, expec
         (["checkpoint={run_dir}/best.pt", "k=0"], "k=0 is invalid"),
         (["checkpoint={run_dir}/best.pt", "k=[10,10]"], "k=[10,10] is invalid: expected distinct"),
         (["checkpoint={run_dir}/best.pt", "k=[]"], "k=[] is invalid"),
+        (["checkpoint={run_dir}/metrics.json"],
+         "is not a checkpoint: it is not a file written by torch.save. Pass the best.pt or last.pt"),
     ],
-    ids=["directory", "num-lists-0", "k-list-0", "k-0", "k-repeated", "k-empty"],
+    ids=["directory", "num-lists-0", "k-list-0", "k-0", "k-repeated", "k-empty", "metrics-file"],
 )
 def test_evaluate_bad_input_exits(tmp_path, args, expected):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"model": "nalu", "test_mae_k10": 1.4}\n')
     args = [arg.format(run_dir=run_dir) for arg in args]
     result = run_script("evaluate.py", args + [f"hydra.run.dir={tmp_path / 'evaluate'}"])
 

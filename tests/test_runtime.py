@@ -38,3 +38,25 @@ def test_source_version_without_git(monkeypatch):
 def test_environment_records_source_version(monkeypatch):
     monkeypatch.setattr(runtime, "source_version", lambda: "0123456789ab")
     assert environment_summary()["source_version"] == "0123456789ab"
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm", "submitit_local"])
+def test_missing_launcher_plugin_named(monkeypatch, launcher):
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+    message = runtime.missing_launcher_plugin(["--multirun", f"hydra/launcher={launcher}"])
+    assert message is not None
+    assert f"hydra/launcher={launcher} needs the hydra-" in message
+    assert "pip install -r requirements-launchers.txt" in message
+
+
+def test_missing_plugin_namespace(monkeypatch):
+    def no_namespace(name):
+        raise ModuleNotFoundError("No module named 'hydra_plugins'")
+
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", no_namespace)
+    assert "hydra-joblib-launcher" in runtime.missing_launcher_plugin(["hydra/launcher=joblib"])
+
+
+def test_launcher_check_ignores_other_arguments(monkeypatch):
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+    assert runtime.missing_launcher_plugin(["seed=1", "hydra/launcher=basic", "--help"]) is None

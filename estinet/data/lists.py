@@ -18,7 +18,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from estinet.data.mnist import load_mnist
+from estinet.data.mnist import load_mnist, prepare_mnist
 from estinet.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -191,12 +191,9 @@ def build_addition_data(
     cfg = check_data_config(data_cfg)
     root = to_absolute_path(cfg.root)
 
-    train_pixels, train_labels = load_mnist(
-        root, train=True, verify=cfg.verify, download_timeout=cfg.download_timeout
-    )
-    test_pixels, test_labels = load_mnist(
-        root, train=False, verify=cfg.verify, download_timeout=cfg.download_timeout
-    )
+    prepare_mnist(root, download_timeout=cfg.download_timeout, verify=cfg.verify)
+    train_pixels, train_labels = load_mnist(root, train=True, prepare=False)
+    test_pixels, test_labels = load_mnist(root, train=False, prepare=False)
 
     # The validation images are the last `validation_images` images of MNIST train.
     held_out = cfg.validation_images

