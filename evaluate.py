@@ -25,7 +25,20 @@ from estinet.runtime import check_command_line
 log = logging.getLogger("evaluate")
 
 
+# Keys that only checkpoint mode reads. Runs mode reports the test lists each run was scored on.
+CHECKPOINT_MODE_KEYS = ("k", "num_lists", "device", "data.root")
+
+
 def evaluate_runs(cfg: DictConfig) -> None:
+    ignored = [key for key in CHECKPOINT_MODE_KEYS
+               if OmegaConf.select(cfg, key) not in (None, "auto")]
+    if ignored:
+        verb = "applies" if len(ignored) == 1 else "apply"
+        raise ConfigError(
+            f"{', '.join(ignored)} {verb} only to checkpoint=PATH. runs=DIR aggregates the test "
+            "results stored in each run's metrics.json. To score a run on other lists, pass "
+            "checkpoint=<its best.pt> instead"
+        )
     paths = list(cfg.runs) if isinstance(cfg.runs, ListConfig) else [cfg.runs]
     results = aggregate(find_runs(paths))
     output = Path(cfg.output) if cfg.output else Path(paths[0])

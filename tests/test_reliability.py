@@ -663,8 +663,11 @@ def test_added_unknown_key_exits(tmp_path, synthetic_mnist_root, override, expec
         (["checkpoint={run_dir}/best.pt", "k=[]"], "k=[] is invalid"),
         (["checkpoint={run_dir}/metrics.json"],
          "is not a checkpoint: it is not a file written by torch.save. Pass the best.pt or last.pt"),
+        (["runs={run_dir}", "k=[10]", "num_lists=5"],
+         "k, num_lists apply only to checkpoint=PATH. runs=DIR aggregates the test results"),
     ],
-    ids=["directory", "num-lists-0", "k-list-0", "k-0", "k-repeated", "k-empty", "metrics-file"],
+    ids=["directory", "num-lists-0", "k-list-0", "k-0", "k-repeated", "k-empty", "metrics-file",
+         "runs-with-k"],
 )
 def test_evaluate_bad_input_exits(tmp_path, args, expected):
     run_dir = tmp_path / "run"
