@@ -457,7 +457,8 @@ def prepare_mnist(
     except OSError as err:
         raise DataError(
             f"Cannot write to the data directory {mnist_dir(root)}: {err}. "
-            "Fix its permissions or choose another root (--root, or data.root in the config)."
+            "Make sure that the path can be created and written, or choose another root "
+            "(data.root=DIR for the entry points, --root DIR for python -m estinet.data)."
         ) from None
     with lock_file, exclusive_lock(lock_file):
         return prepare_locked(root, download_timeout, verify)
