@@ -23,9 +23,11 @@ $(LAUNCHERS_STAMP): requirements-launchers.txt $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-launchers.txt
 	touch $(LAUNCHERS_STAMP)
 
-# The main job: train EstiNet on real MNIST lists with the default settings.
+# The main job: train EstiNet on real MNIST lists with the default settings. ARGS passes Hydra
+# overrides, e.g. make reproduce ARGS="num_threads=1 seed=3".
+ARGS ?=
 reproduce: $(STAMP)
-	$(PY) train_addition.py
+	$(PY) train_addition.py $(ARGS)
 
 # The whole test suite, slow tests included (this is what CI runs).
 test: $(LAUNCHERS_STAMP)
