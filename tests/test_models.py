@@ -81,7 +81,7 @@ def test_estimator_layer_widths_from_config():
     assert widths == [(8, 12), (12, 12), (12, 1)]
 
 
-def test_estimator_forget_bias_sets_only_the_forget_gate():
+def test_forget_bias_sets_forget_gate():
     torch.manual_seed(0)
     default = BlackBoxEstimator(EstimatorConfig(lstm_hidden=6))
     torch.manual_seed(0)
@@ -89,12 +89,13 @@ def test_estimator_forget_bias_sets_only_the_forget_gate():
     for name in ("bias_ih_l0", "bias_hh_l0"):
         before, after = getattr(default.lstm, name), getattr(biased.lstm, name)
         assert torch.equal(after[6:12], torch.full((6,), 1.5))  # gates: input, forget, cell, output
-        assert torch.equal(after[:6], before[:6]) and torch.equal(after[12:], before[12:])
+        assert torch.equal(after[:6], before[:6])  # input gate untouched
+        assert torch.equal(after[12:], before[12:])  # cell and output gates untouched
     total = biased.lstm.bias_ih_l0[6:12] + biased.lstm.bias_hh_l0[6:12]
     assert torch.equal(total, torch.full((6,), 3.0))
 
 
-def test_estimator_without_forget_bias_keeps_torch_init():
+def test_null_forget_bias_keeps_torch_init():
     torch.manual_seed(0)
     estimator = BlackBoxEstimator(EstimatorConfig(lstm_hidden=6))
     torch.manual_seed(0)
