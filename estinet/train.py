@@ -318,9 +318,10 @@ def _load_resumable(cfg: DictConfig, path: Path) -> dict[str, Any]:
     if differences:
         listed = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
         raise ConfigError(
-            f"cannot resume from {path}: the run was started with another config ({listed}). "
-            "Resume with the original overrides (.hydra/overrides.yaml in its run dir); only "
-            f"{', '.join(RESUME_FREE_KEYS)} may change"
+            f"cannot resume from {path}, because the run was started with another config "
+            f"({listed}). To continue it, repeat the overrides in .hydra/overrides.yaml of its run "
+            "dir. To train with the new values, start a new run with another hydra.run.dir. "
+            f"Keys that may change on resume: {', '.join(RESUME_FREE_KEYS)}"
         )
     return checkpoint
 

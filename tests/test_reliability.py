@@ -254,6 +254,7 @@ def test_resume_rejects_changed_config(tmp_path, synthetic_mnist_root, monkeypat
 
     assert expected in str(error.value)
     assert str(run_dir / "last.pt") in str(error.value)
+    assert "start a new run with another hydra.run.dir" in str(error.value)
     assert file_state(run_dir) == before
 
 
