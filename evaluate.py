@@ -20,7 +20,7 @@ from estinet.aggregate import aggregate, find_runs, markdown_table, plot_learnin
 from estinet.checkpoint import write_json
 from estinet.errors import ConfigError, EstinetError
 from estinet.evaluation import evaluate_checkpoint
-from estinet.runtime import check_command_line
+from estinet.runtime import exit_on_invalid_command_line
 
 log = logging.getLogger("evaluate")
 
@@ -121,7 +121,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = check_command_line(sys.argv[1:], "evaluate")
-    if problem:
-        sys.exit(f"error: {problem}")
+    exit_on_invalid_command_line("evaluate")
     main()

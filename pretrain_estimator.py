@@ -5,7 +5,6 @@ python pretrain_estimator.py pretrain.soft_targets=argmax hydra.run.dir=outputs/
 """
 
 import logging
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from estinet.config import validate_pretrain_config
 from estinet.errors import ConfigError, EstinetError
 from estinet.pretrain import run_pretraining
-from estinet.runtime import check_command_line, fail_job, resolve_device
+from estinet.runtime import exit_on_invalid_command_line, fail_job, resolve_device
 
 log = logging.getLogger("pretrain_estimator")
 
@@ -33,7 +32,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = check_command_line(sys.argv[1:], "pretrain")
-    if problem:
-        sys.exit(f"error: {problem}")
+    exit_on_invalid_command_line("pretrain")
     main()

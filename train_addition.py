@@ -10,7 +10,6 @@ An invalid value or input ends the run with one error line and exit code 1.
 """
 
 import logging
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,7 +17,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from estinet.errors import ConfigError, EstinetError
-from estinet.runtime import check_command_line, fail_job
+from estinet.runtime import exit_on_invalid_command_line, fail_job
 from estinet.train import run_training
 
 log = logging.getLogger("train_addition")
@@ -36,7 +35,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    problem = check_command_line(sys.argv[1:], "train")
-    if problem:
-        sys.exit(f"error: {problem}")
+    exit_on_invalid_command_line("train")
     main()

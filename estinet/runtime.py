@@ -186,6 +186,13 @@ def check_command_line(argv: list[str], config_name: str) -> str | None:
     return problem
 
 
+def exit_on_invalid_command_line(config_name: str) -> None:
+    """Exit with code 1 and one error line on stderr when check_command_line rejects sys.argv."""
+    problem = check_command_line(sys.argv[1:], config_name)
+    if problem:
+        sys.exit(f"error: {problem}")
+
+
 def fail_job(error: Exception, logger: logging.Logger) -> NoReturn:
     """Log `error` and end the Hydra job as failed, without a traceback.
 

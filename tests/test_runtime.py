@@ -60,3 +60,15 @@ def test_missing_plugin_namespace(monkeypatch):
 def test_launcher_check_ignores_other_arguments(monkeypatch):
     monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
     assert runtime.missing_launcher_plugin(["seed=1", "hydra/launcher=basic", "--help"]) is None
+
+
+def test_invalid_command_line_exits(monkeypatch):
+    monkeypatch.setattr(runtime.sys, "argv", ["train_addition.py", "train.epoch=3"])
+    with pytest.raises(SystemExit) as exit_info:
+        runtime.exit_on_invalid_command_line("train")
+    assert str(exit_info.value.code).startswith("error: train.epoch is not a key")
+
+
+def test_valid_command_line_continues(monkeypatch):
+    monkeypatch.setattr(runtime.sys, "argv", ["train_addition.py", "train.epochs=3", "seed=1"])
+    assert runtime.exit_on_invalid_command_line("train") is None
